@@ -1,0 +1,324 @@
+"""Start, probe and stop one single-node KRaft broker (broker and controller in one JVM).
+
+State lives in a work directory: the generated configs, the log directory, ``broker.log`` and
+``broker.json`` (pid and ports). Ports chosen on the first start are kept, so a restarted broker
+comes back where its clients expect it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from localkafka.errors import BrokerError
+from localkafka.jars import ensure_jars
+from localkafka.settings import MIB, BrokerSettings, TopicSettings
+
+_PR_SET_PDEATHSIG = 1
+
+_LOG4J2 = """\
+status = warn
+appender.console.type = Console
+appender.console.name = STDOUT
+appender.console.layout.type = PatternLayout
+appender.console.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = INFO
+rootLogger.appenderRef.stdout.ref = STDOUT
+logger.state.name = state.change.logger
+logger.state.level = WARN
+logger.request.name = kafka.request.logger
+logger.request.level = WARN
+"""
+
+
+@dataclass(frozen=True)
+class BrokerState:
+    pid: int
+    port: int
+    controller_port: int
+    host: str
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: the kernel sends SIGTERM to the JVM if its parent dies."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def is_alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # The state letter follows the parenthesised command name; a zombie has already exited.
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+class LocalBroker:
+    """One broker in ``workdir``; ``start`` is idempotent and ``stop`` leaves no JVM behind."""
+
+    def __init__(
+        self,
+        settings: BrokerSettings | None = None,
+        topics: TopicSettings | None = None,
+        workdir: Path | None = None,
+    ) -> None:
+        self.settings = settings or BrokerSettings()
+        self.topics = topics or TopicSettings()
+        self.workdir = (workdir or self.settings.home / "instance").resolve()
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    # -- paths ---------------------------------------------------------------------------------
+    @property
+    def state_file(self) -> Path:
+        return self.workdir / "broker.json"
+
+    @property
+    def log_file(self) -> Path:
+        return self.workdir / "broker.log"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.workdir / "data"
+
+    # -- state ---------------------------------------------------------------------------------
+    def _read_state(self) -> BrokerState | None:
+        try:
+            return BrokerState(**json.loads(self.state_file.read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def _owns(self, pid: int) -> bool:
+        """True if ``pid`` is a live kafka.Kafka JVM started on this work directory's config."""
+        if not is_alive(pid):
+            return False
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        return b"kafka.Kafka" in cmdline and str(self.workdir).encode() in b" ".join(cmdline)
+
+    def status(self) -> BrokerState | None:
+        """The running broker's state, or None. A stale state file (dead or foreign pid) is removed."""
+        state = self._read_state()
+        if state is None:
+            return None
+        if self._owns(state.pid):
+            return state
+        self.state_file.unlink(missing_ok=True)
+        return None
+
+    # -- start ---------------------------------------------------------------------------------
+    def start(self, *, die_with_parent: bool = False) -> BrokerState:
+        """Start the broker (or return the one already running) and wait until it answers."""
+        running = self.status()
+        if running is not None:
+            return running
+        java = shutil.which("java")
+        if java is None:
+            raise BrokerError(
+                "Java is not installed: install OpenJDK 17+ (apt-get install openjdk-17-jre-headless)"
+            )
+        libs = ensure_jars(self.settings.libs_dir, self.settings.kafka_version)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        port, controller_port = self._ports()
+        config = self._write_configs(port, controller_port)
+        self._format_storage(java, libs, config)
+
+        cmd = [
+            java, f"-Xms{min(256, self.settings.heap_mb)}m", f"-Xmx{self.settings.heap_mb}m",
+            "-XX:+UseG1GC", "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={self.workdir / 'log4j2.properties'}",
+            "-cp", f"{libs}/*", "kafka.Kafka", str(config),
+        ]  # fmt: skip
+        with self.log_file.open("ab") as log:
+            self._proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C in the terminal reaches us, and we stop it in order
+                preexec_fn=_die_with_parent if die_with_parent else None,
+            )
+        state = BrokerState(self._proc.pid, port, controller_port, self.settings.host)
+        self.state_file.write_text(json.dumps(asdict(state)))
+        try:
+            self._wait_ready(state)
+        except BaseException:
+            self.stop()
+            raise
+        return state
+
+    def _ports(self) -> tuple[int, int]:
+        previous = self._read_state()
+        host = self.settings.host
+        port = self.settings.port or (previous.port if previous else 0) or free_port(host)
+        controller = (
+            self.settings.controller_port
+            or (previous.controller_port if previous else 0)
+            or free_port(host)
+        )
+        return port, controller
+
+    def _write_configs(self, port: int, controller_port: int) -> Path:
+        host = self.settings.host
+        max_bytes = self.topics.max_message_bytes
+        props = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "controller.quorum.voters": f"1@{host}:{controller_port}",
+            "listeners": f"PLAINTEXT://{host}:{port},CONTROLLER://{host}:{controller_port}",
+            "advertised.listeners": f"PLAINTEXT://{host}:{port}",
+            "controller.listener.names": "CONTROLLER",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "log.dirs": str(self.data_dir),
+            "num.partitions": "1",
+            "auto.create.topics.enable": "false",
+            "offsets.topic.replication.factor": "1",
+            "offsets.topic.num.partitions": "4",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "transaction.state.log.num.partitions": "4",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+            "group.initial.rebalance.delay.ms": "0",
+            "message.max.bytes": str(max_bytes),
+            "replica.fetch.max.bytes": str(max_bytes),
+            "socket.request.max.bytes": str(max(100 * MIB, 2 * max_bytes)),
+            "log.retention.hours": "24",
+        }
+        config = self.workdir / "server.properties"
+        config.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+        (self.workdir / "log4j2.properties").write_text(_LOG4J2)
+        return config
+
+    def _format_storage(self, java: str, libs: Path, config: Path) -> None:
+        if (self.data_dir / "meta.properties").exists():
+            return
+        base = [java, "-Xmx256m", "-cp", f"{libs}/*", "kafka.tools.StorageTool"]
+        cluster_id = (
+            subprocess.run([*base, "random-uuid"], capture_output=True, text=True, check=False)
+            .stdout.strip()
+            .splitlines()
+        )
+        if not cluster_id:
+            raise BrokerError(
+                "kafka.tools.StorageTool random-uuid printed nothing; is the jar cache complete?"
+            )
+        proc = subprocess.run(
+            [*base, "format", "-t", cluster_id[-1], "-c", str(config), "--ignore-formatted"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise BrokerError(f"formatting {self.data_dir} failed:\n{proc.stdout}{proc.stderr}")
+
+    def _wait_ready(self, state: BrokerState) -> None:
+        deadline = time.monotonic() + self.settings.start_timeout_s
+        while time.monotonic() < deadline:
+            if self._proc is not None and self._proc.poll() is not None:
+                raise BrokerError(
+                    f"the broker exited with code {self._proc.returncode} while starting; "
+                    f"last lines of {self.log_file}:\n{self.log_tail()}"
+                )
+            if asyncio.run(answers_metadata(state.bootstrap)):
+                return
+            time.sleep(0.25)
+        raise BrokerError(
+            f"the broker did not answer a metadata request within {self.settings.start_timeout_s:.0f}s; "
+            f"last lines of {self.log_file}:\n{self.log_tail()}"
+        )
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    # -- stop ----------------------------------------------------------------------------------
+    def stop(self) -> bool:
+        """Stop the broker cleanly (SIGTERM, then SIGKILL after the timeout). True if one ran."""
+        state = self.status()
+        pid = state.pid if state else (self._proc.pid if self._proc else None)
+        if pid is None or not self._owns(pid):
+            self._reap()
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
+        if not self._wait_gone(pid, self.settings.stop_timeout_s):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            self._wait_gone(pid, 10.0)
+        self._reap()
+        self.state_file.unlink(missing_ok=True)
+        return True
+
+    def kill(self) -> None:
+        """SIGKILL the broker, for fault tests: no clean shutdown, state kept for a restart."""
+        state = self.status()
+        if state is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(state.pid, signal.SIGKILL)
+            self._wait_gone(state.pid, 10.0)
+        self._reap()
+
+    def _wait_gone(self, pid: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._reap()
+            if not is_alive(pid):
+                return True
+            time.sleep(0.1)
+        return False
+
+    def _reap(self) -> None:
+        if self._proc is not None and self._proc.poll() is not None:
+            self._proc = None
+
+    def destroy(self) -> None:
+        """Stop and delete the work directory (ephemeral brokers of a test session)."""
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+async def answers_metadata(bootstrap: str, timeout_s: float = 3.0) -> bool:
+    """True when a broker at ``bootstrap`` answers a metadata request."""
+    from aiokafka.client import AIOKafkaClient  # heavy import, only needed here
+
+    host, _, port = bootstrap.rpartition(":")
+    try:
+        # A plain TCP probe first keeps aiokafka from logging a connection error per attempt.
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError:
+        return False
+    client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
+    try:
+        await asyncio.wait_for(client.bootstrap(), timeout_s)
+        await asyncio.wait_for(client.fetch_all_metadata(), timeout_s)
+        return True
+    except Exception:  # any failure means "not yet"; the caller owns the deadline
+        return False
+    finally:
+        await client.close()

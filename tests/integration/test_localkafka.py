@@ -1,0 +1,69 @@
+"""The local broker tooling: idempotent start, stale state, clear errors, clean stop."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from localkafka import BrokerError, BrokerSettings, LocalBroker
+from localkafka.broker import answers_metadata, is_alive
+
+pytestmark = pytest.mark.kafka
+
+
+def test_stale_state_file_is_discarded(tmp_path: Path) -> None:
+    broker = LocalBroker(workdir=tmp_path)
+    tmp_path.mkdir(exist_ok=True)
+    # A pid that is certainly not our broker: this test process itself.
+    broker.state_file.write_text(
+        json.dumps({"pid": os.getpid(), "port": 1, "controller_port": 2, "host": "127.0.0.1"})
+    )
+    assert broker.status() is None
+    assert not broker.state_file.exists()
+    assert broker.stop() is False
+
+
+def test_missing_java_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(BrokerError, match="Java is not installed"):
+        LocalBroker(workdir=tmp_path / "b").start()
+
+
+def test_missing_maven_without_cache_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    java = Path(os.environ.get("JAVA_HOME", "/usr")) / "bin" / "java"
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "java").symlink_to(java)
+    monkeypatch.setenv("PATH", str(bindir))
+    settings = BrokerSettings(home=tmp_path / "empty-cache")
+    with pytest.raises(BrokerError, match="Maven"):
+        LocalBroker(settings, workdir=tmp_path / "b").start()
+
+
+async def test_existing_broker_is_reused_and_stop_leaves_no_jvm(kafka) -> None:  # type: ignore[no-untyped-def]
+    if kafka.local is None:
+        pytest.skip("the broker is external; nothing of ours to inspect")
+    state = kafka.local.status()
+    assert state is not None
+    again = LocalBroker(kafka.local.settings, kafka.local.topics, kafka.local.workdir)
+    assert (
+        again.status() == state
+    )  # a second `up` finds the running one instead of starting another
+    assert await answers_metadata(state.bootstrap)
+
+
+def test_start_stop_leaves_no_process(tmp_path: Path) -> None:
+    broker = LocalBroker(workdir=tmp_path / "b")
+    state = broker.start(die_with_parent=True)
+    try:
+        assert Path(f"/proc/{state.pid}").exists()
+        assert broker.start() == state  # idempotent
+    finally:
+        assert broker.stop() is True
+    assert not is_alive(state.pid)
+    assert broker.status() is None
