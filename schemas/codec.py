@@ -1,0 +1,449 @@
+"""Encoding and decoding of requests, results and errors (see docs/wire-format.md).
+
+Everything decoded here is untrusted: sizes are checked before anything is allocated, and
+array data is either viewed in place (binary) or converted from a checked list of numbers
+(JSON). Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from math import prod
+from typing import Any
+
+import numpy as np
+import orjson
+
+from schemas import topics
+from schemas._arrays import FloatArray, check_finite, from_buffer, from_json_numbers, to_wire
+from schemas._validation import (
+    check_schema_version,
+    check_structure,
+    check_version_header,
+    is_valid_request_id,
+    load_json_object,
+    peek_request_id,
+    validate,
+)
+from schemas.deadletter import DeadLetter, encode_dead_letter, read_dead_letter
+from schemas.errors import ContractError, ErrorCode, SvdServiceError
+from schemas.headers import (
+    CONTENT_TYPE,
+    CONTENT_TYPES,
+    SVD_META,
+    SVD_SCHEMA_VERSION,
+    Encoding,
+    ReceivedHeaders,
+    encoding_of,
+    header_value,
+)
+from schemas.limits import DecodeLimits
+from schemas.models import (
+    ITEMSIZE,
+    SCHEMA_VERSION,
+    ArraySpec,
+    BinaryArray,
+    BinaryFactors,
+    ErrorResult,
+    MatrixSpec,
+    SvdRequestMeta,
+    SvdResultBinaryMeta,
+    SvdResultMeta,
+    SvdResultSpec,
+)
+from schemas.records import Buffer, EncodedMessage
+
+__all__ = [
+    "DeadLetter",
+    "DecodedRequest",
+    "DecodedResult",
+    "EncodedMessage",
+    "Encoding",
+    "decode_reply",
+    "decode_request",
+    "encode_dead_letter",
+    "encode_error",
+    "encode_request",
+    "encode_result",
+    "read_dead_letter",
+    "recover_request_id",
+]
+
+_DEFAULT_LIMITS = DecodeLimits()
+_VERSION_HEADER = (SVD_SCHEMA_VERSION, str(SCHEMA_VERSION).encode())
+_MISSING = object()
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedRequest:
+    meta: SvdRequestMeta
+    # In the wire dtype (not yet options.dtype); read-only. For binary, a view of the value.
+    matrix: FloatArray
+    encoding: Encoding
+    nbytes: int  # size of the received value
+
+    @property
+    def reply_encoding(self) -> Encoding:
+        chosen = self.meta.result_encoding
+        return self.encoding if chosen is None else Encoding(chosen)
+
+    @property
+    def reply_topic(self) -> str:
+        return self.meta.reply_topic or topics.RESULTS
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedResult:
+    meta: SvdResultMeta
+    u: FloatArray | None
+    s: FloatArray
+    vt: FloatArray | None
+    encoding: Encoding
+
+
+def _view(value: Buffer) -> memoryview:
+    view = memoryview(value)
+    if not view.c_contiguous:
+        raise ContractError(ErrorCode.INVALID_ENCODING, "value buffer is not contiguous")
+    # Byte-addressed from here on: len() of a memoryview counts items, not bytes.
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+def _headers(encoding: Encoding) -> list[tuple[str, bytes]]:
+    return [(CONTENT_TYPE, CONTENT_TYPES[encoding].encode()), _VERSION_HEADER]
+
+
+# ----------------------------------------------------------------------------------- requests
+
+
+def decode_request(
+    value: Buffer, headers: ReceivedHeaders, limits: DecodeLimits | None = None
+) -> DecodedRequest:
+    """Validate a request record. Raises ContractError (with request_id when it was readable)."""
+    limits = limits or _DEFAULT_LIMITS
+    view = _view(value)
+    if view.nbytes > limits.max_message_bytes:
+        raise ContractError(
+            ErrorCode.MESSAGE_TOO_LARGE,
+            f"value is {view.nbytes} bytes; the limit is {limits.max_message_bytes}",
+        )
+    encoding = encoding_of(headers, max_bytes=limits.max_header_bytes)
+    check_version_header(
+        header_value(headers, SVD_SCHEMA_VERSION, max_bytes=limits.max_header_bytes)
+    )
+    if encoding is Encoding.JSON:
+        meta, matrix = _decode_json_request(view, limits)
+    else:
+        meta, matrix = _decode_binary_request(view, headers, limits)
+    return DecodedRequest(meta=meta, matrix=matrix, encoding=encoding, nbytes=view.nbytes)
+
+
+def _decode_json_request(
+    view: memoryview, limits: DecodeLimits
+) -> tuple[SvdRequestMeta, FloatArray]:
+    obj = load_json_object(view, "value")
+    matrix = obj.get("matrix")
+    # The data array leaves the tree before the depth walk: it can hold millions of numbers, and
+    # from_json_numbers checks its elements anyway.
+    data = matrix.pop("data", _MISSING) if type(matrix) is dict else _MISSING
+    check_structure(obj, limits, "value")
+    meta = _validate_request(obj, "value", limits)
+    if data is _MISSING:
+        raise ContractError(
+            ErrorCode.INVALID_SCHEMA,
+            "matrix.data is required in a JSON request",
+            request_id=meta.request_id,
+        )
+    array = from_json_numbers(data, meta.matrix.shape, meta.matrix.dtype, "matrix", meta.request_id)
+    array.flags.writeable = False
+    return meta, array
+
+
+def _decode_binary_request(
+    view: memoryview, headers: ReceivedHeaders, limits: DecodeLimits
+) -> tuple[SvdRequestMeta, FloatArray]:
+    obj = _load_meta_header(headers, limits)
+    meta = _validate_request(obj, "svd-meta", limits)
+    # Shape, dtype and limits are settled before the value is looked at.
+    if view.nbytes != meta.matrix.nbytes:
+        raise ContractError(
+            ErrorCode.SHAPE_MISMATCH,
+            f"value is {view.nbytes} bytes; a {meta.matrix.dtype} matrix of shape "
+            f"{meta.matrix.shape} needs {meta.matrix.nbytes}",
+            request_id=meta.request_id,
+        )
+    array = from_buffer(view, 0, meta.matrix.shape, meta.matrix.dtype)
+    check_finite(array, "matrix", meta.request_id)
+    return meta, array
+
+
+def _load_meta_header(headers: ReceivedHeaders, limits: DecodeLimits) -> dict[str, Any]:
+    raw = header_value(headers, SVD_META, max_bytes=limits.max_header_bytes)
+    if raw is None:
+        raise ContractError(
+            ErrorCode.INVALID_SCHEMA, f"a binary message needs the {SVD_META!r} header"
+        )
+    obj = load_json_object(raw, SVD_META)
+    check_structure(obj, limits, SVD_META)
+    return obj
+
+
+def _validate_request(obj: dict[str, Any], what: str, limits: DecodeLimits) -> SvdRequestMeta:
+    request_id = peek_request_id(obj)
+    check_schema_version(obj, what, request_id)
+    meta = validate(SvdRequestMeta, obj, what, request_id)
+    _check_limits(meta, limits)
+    return meta
+
+
+def _check_limits(meta: SvdRequestMeta, limits: DecodeLimits) -> None:
+    rows, cols = meta.matrix.shape
+    checks = (
+        ("rows", rows, limits.max_rows),
+        ("cols", cols, limits.max_cols),
+        ("elements", rows * cols, limits.max_elements),
+        ("matrix bytes", meta.matrix.nbytes, limits.max_matrix_bytes),
+        ("result bytes", meta.result_nbytes(), limits.max_result_bytes),
+    )
+    for name, actual, limit in checks:
+        if actual > limit:
+            raise ContractError(
+                ErrorCode.LIMIT_EXCEEDED,
+                f"{name} {actual} exceeds the limit {limit} (shape {meta.matrix.shape}, "
+                f"{meta.matrix.dtype})",
+                request_id=meta.request_id,
+            )
+
+
+def encode_request(
+    meta: SvdRequestMeta, matrix: np.ndarray[Any, Any], encoding: Encoding = Encoding.JSON
+) -> EncodedMessage:
+    """Encode a request. meta.matrix must describe `matrix` (see MatrixSpec.of)."""
+    wire = to_wire(matrix, "matrix", ndim=(2,))
+    if meta.matrix != MatrixSpec.of(wire):
+        raise ValueError(
+            f"meta.matrix {meta.matrix} does not describe the {wire.dtype} {wire.shape} array"
+        )
+    body = meta.model_dump(mode="json", exclude_none=True)
+    headers = _headers(encoding)
+    if encoding is Encoding.JSON:
+        body["matrix"]["data"] = _native(wire).reshape(-1)
+        value = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+    else:
+        headers.append((SVD_META, orjson.dumps(body)))
+        value = wire.tobytes()
+    return EncodedMessage(key=meta.request_id.encode(), value=value, headers=headers)
+
+
+def _native(array: FloatArray) -> FloatArray:
+    # orjson serialises native-endian arrays only; the wire arrays are little-endian.
+    return array.astype(array.dtype.newbyteorder("="), copy=False)
+
+
+# ------------------------------------------------------------------------------------ results
+
+
+def encode_result(
+    meta: SvdResultMeta,
+    u: np.ndarray[Any, Any] | None,
+    s: np.ndarray[Any, Any],
+    vt: np.ndarray[Any, Any] | None,
+    encoding: Encoding,
+) -> EncodedMessage:
+    """Encode a successful result; the factors' shapes and dtype are taken from the arrays."""
+    if (u is None) != (vt is None):
+        raise ValueError("u and vt are given together or not at all")
+    arrays = {"u": u, "s": s, "vt": vt}
+    wire = {
+        name: to_wire(a, name, ndim=(1,) if name == "s" else (2,))
+        for name, a in arrays.items()
+        if a is not None
+    }
+    if len({a.dtype for a in wire.values()}) != 1:
+        raise ValueError("u, s and vt must share one dtype")
+    body = meta.model_dump(mode="json", exclude_none=True, include=set(SvdResultMeta.model_fields))
+    headers = _headers(encoding)
+    if encoding is Encoding.JSON:
+        body["factors"] = {
+            name: {"shape": list(a.shape), "dtype": a.dtype.name, "data": _native(a).reshape(-1)}
+            for name, a in wire.items()
+        }
+        value = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+    else:
+        offset, specs = 0, {}
+        for name, a in wire.items():
+            specs[name] = {
+                "shape": list(a.shape),
+                "dtype": a.dtype.name,
+                "offset": offset,
+                "nbytes": a.nbytes,
+            }
+            offset += a.nbytes
+        body["factors"] = specs
+        headers.append((SVD_META, orjson.dumps(body)))
+        # One copy: join reads the arrays' buffers directly.
+        value = b"".join(a.data.cast("B") for a in wire.values())
+    return EncodedMessage(key=meta.request_id.encode(), value=value, headers=headers)
+
+
+def encode_error(
+    error: ErrorResult | SvdServiceError, encoding: Encoding | None = None
+) -> EncodedMessage:
+    """Encode an error result. It is JSON whatever the request's encoding (so a reader needs no
+    binary machinery to read a failure); `encoding` is accepted for symmetry and not used."""
+    del encoding
+    result = error if isinstance(error, ErrorResult) else ErrorResult.from_exception(error)
+    # request_id stays even when null (readers look for it); other absent optionals are omitted.
+    unset = {f for f in ("correlation_id", "traceparent") if getattr(result, f) is None}
+    value = orjson.dumps(result.model_dump(mode="json", exclude=unset))
+    key = (result.request_id or "").encode()
+    return EncodedMessage(key=key, value=value, headers=_headers(Encoding.JSON))
+
+
+def decode_reply(
+    value: Buffer, headers: ReceivedHeaders, limits: DecodeLimits | None = None
+) -> DecodedResult | ErrorResult:
+    """Decode a record from the results topic. Raises ContractError if it is malformed."""
+    limits = limits or _DEFAULT_LIMITS
+    view = _view(value)
+    encoding = encoding_of(headers, max_bytes=limits.max_header_bytes)
+    check_version_header(
+        header_value(headers, SVD_SCHEMA_VERSION, max_bytes=limits.max_header_bytes)
+    )
+    if encoding is Encoding.JSON:
+        return _decode_json_reply(view, limits)
+    return _decode_binary_reply(view, headers, limits)
+
+
+def _decode_json_reply(view: memoryview, limits: DecodeLimits) -> DecodedResult | ErrorResult:
+    obj = load_json_object(view, "value")
+    request_id = peek_request_id(obj)
+    factors = obj.get("factors")
+    data: dict[str, object] = {}
+    if type(factors) is dict:
+        for name, spec in factors.items():
+            if type(spec) is dict and "data" in spec:
+                data[name] = spec.pop("data")
+    check_structure(obj, limits, "value")
+    check_schema_version(obj, "value", request_id)
+    status = obj.get("status")
+    if status == "error":
+        return validate(ErrorResult, obj, "value", request_id)
+    if status != "ok":
+        raise ContractError(
+            ErrorCode.INVALID_SCHEMA,
+            f"status must be 'ok' or 'error', got {status!r}",
+            request_id=request_id,
+        )
+    spec = validate(SvdResultSpec, obj, "value", request_id)
+    arrays: dict[str, FloatArray | None] = {"u": None, "s": None, "vt": None}
+    for name in arrays:
+        a: ArraySpec | None = getattr(spec.factors, name)
+        if a is None:
+            continue
+        if name not in data:
+            raise ContractError(
+                ErrorCode.INVALID_SCHEMA, f"factors.{name}.data is missing", request_id=request_id
+            )
+        arrays[name] = from_json_numbers(
+            data[name], a.shape, a.dtype, f"factors.{name}", request_id
+        )
+    return _result(spec, arrays, Encoding.JSON)
+
+
+def _decode_binary_reply(
+    view: memoryview, headers: ReceivedHeaders, limits: DecodeLimits
+) -> DecodedResult:
+    obj = _load_meta_header(headers, limits)
+    request_id = peek_request_id(obj)
+    check_schema_version(obj, SVD_META, request_id)
+    meta = validate(SvdResultBinaryMeta, obj, SVD_META, request_id)
+    placed = _check_layout(meta.factors, view.nbytes, request_id)
+    arrays: dict[str, FloatArray | None] = {"u": None, "s": None, "vt": None}
+    for name, a in placed.items():
+        arrays[name] = array = from_buffer(view, a.offset, a.shape, a.dtype)
+        check_finite(array, f"factors.{name}", request_id)
+    return _result(meta, arrays, Encoding.BINARY)
+
+
+def _check_layout(
+    factors: BinaryFactors, size: int, request_id: str | None
+) -> dict[str, BinaryArray]:
+    """Every array inside the value, exactly sized, none overlapping, nothing left over."""
+    placed = {n: a for n in ("u", "s", "vt") if (a := getattr(factors, n)) is not None}
+    end = 0
+    for name, a in sorted(placed.items(), key=lambda item: item[1].offset):
+        needed = prod(a.shape) * ITEMSIZE[a.dtype]
+        if a.nbytes != needed:
+            raise ContractError(
+                ErrorCode.SHAPE_MISMATCH,
+                f"factors.{name}: nbytes {a.nbytes} but shape {a.shape} {a.dtype} needs {needed}",
+                request_id=request_id,
+            )
+        if a.offset < end:
+            raise ContractError(
+                ErrorCode.SHAPE_MISMATCH,
+                f"factors.{name} overlaps another array",
+                request_id=request_id,
+            )
+        end = a.offset + a.nbytes
+    if end != size:
+        raise ContractError(
+            ErrorCode.SHAPE_MISMATCH,
+            f"value is {size} bytes; the factors described end at byte {end}",
+            request_id=request_id,
+        )
+    return placed
+
+
+def _result(
+    wire: SvdResultMeta, arrays: dict[str, FloatArray | None], encoding: Encoding
+) -> DecodedResult:
+    u, s, vt = arrays["u"], arrays["s"], arrays["vt"]
+    if s is None or s.ndim != 1 or (u is None) != (vt is None):
+        raise ContractError(
+            ErrorCode.INVALID_SHAPE,
+            "a result has a 1-D s, and a 2-D u and vt together or neither",
+            request_id=wire.request_id,
+        )
+    for name, a in (("u", u), ("vt", vt)):
+        if a is not None and a.ndim != 2:
+            raise ContractError(
+                ErrorCode.INVALID_SHAPE, f"factors.{name} must be 2-D", request_id=wire.request_id
+            )
+    # The base model, without the wire-specific factor descriptions.
+    meta = SvdResultMeta.model_validate(
+        {name: getattr(wire, name) for name in SvdResultMeta.model_fields}
+    )
+    return DecodedResult(meta=meta, u=u, s=s, vt=vt, encoding=encoding)
+
+
+# ------------------------------------------------------------------------- request id recovery
+
+# Only the head of a large JSON value is searched: well-formed producers put request_id before
+# the matrix, and a failing message should not cost a full parse twice.
+_RECOVER_PARSE_BYTES = 64 * 1024
+_REQUEST_ID_RE = re.compile(rb'"request_id"\s*:\s*("(?:[^"\\\x00-\x1f]|\\.){1,128}")')
+
+
+def recover_request_id(value: Buffer, headers: ReceivedHeaders) -> str | None:
+    """Best-effort request id of a record that failed to decode, for keying the error result.
+    Never raises; None if there is no valid id to be found."""
+    try:
+        meta = header_value(headers, SVD_META, max_bytes=_DEFAULT_LIMITS.max_header_bytes)
+        if meta is not None:
+            return peek_request_id(orjson.loads(meta))
+        view = _view(value)
+        if view.nbytes <= _RECOVER_PARSE_BYTES:
+            try:
+                return peek_request_id(orjson.loads(view))
+            except orjson.JSONDecodeError:
+                pass
+        match = _REQUEST_ID_RE.search(bytes(view[:_RECOVER_PARSE_BYTES]))
+        if match is None:
+            return None
+        candidate = orjson.loads(match.group(1))
+        return candidate if is_valid_request_id(candidate) else None
+    except Exception:
+        return None

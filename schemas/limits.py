@@ -1,0 +1,34 @@
+"""Decode limits: everything an untrusted message could make us allocate is bounded here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeLimits:
+    max_rows: int = 16_384
+    max_cols: int = 16_384
+    max_elements: int = 16_777_216
+    # Bytes of the decoded input matrix in its wire dtype.
+    max_matrix_bytes: int = 128 * MiB
+    # Bytes of U + S + Vt in the compute dtype; catches full_matrices on a tall matrix (U is m x m).
+    max_result_bytes: int = 256 * MiB
+    # Size of a Kafka record value; the broker's own limit must be at least this for it to matter.
+    max_message_bytes: int = 64 * MiB
+    # Nesting of JSON objects/arrays; a valid request needs 3.
+    max_json_depth: int = 16
+    # Fields in one JSON object. No valid message has more than a dozen, and validating millions
+    # of unknown fields one error each would cost the service seconds per message.
+    max_json_fields: int = 64
+    # Size of one header value (svd-meta is the only large one).
+    max_header_bytes: int = 64 * KiB
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"DecodeLimits.{f.name} must be a positive integer, got {value!r}")

@@ -1,0 +1,54 @@
+"""recover_request_id: best effort, bounded, never raises."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from schemas import recover_request_id
+from tests.unit.schemas.builders import JSON, binary_request, json_request, request_obj
+
+
+def test_from_a_valid_json_request() -> None:
+    assert recover_request_id(*json_request(request_id="abc-1")) == "abc-1"
+
+
+def test_from_the_binary_meta_header_even_when_the_value_is_garbage() -> None:
+    _, headers = binary_request(request_id="bin-1")
+    assert recover_request_id(b"\x00", headers) == "bin-1"
+
+
+def test_from_a_json_request_that_fails_validation() -> None:
+    value, headers = json_request(request_id="bad-opts", options={"nope": True})
+    assert recover_request_id(value, headers) == "bad-opts"
+
+
+def test_from_the_head_of_a_large_truncated_json_value() -> None:
+    value = orjson.dumps(request_obj(request_id="big-1", matrix={"data": [0.5] * 50_000}))
+    assert recover_request_id(value[: len(value) // 2], JSON) == "big-1"
+
+
+def test_escaped_ids_are_unescaped() -> None:
+    value = b'{"request_id": "a\\u0041\\"b", "matrix": ' + b"[" * 10
+    assert recover_request_id(value, JSON) == 'aA"b'
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"",
+        b"\xff\xfe",
+        b"[1, 2]",
+        b'{"request_id": 5}',
+        b'{"request_id": "has space"}',
+        b'{"request_id": "' + b"x" * 200 + b'"}',
+    ],
+)
+def test_none_when_there_is_no_valid_id(value: bytes) -> None:
+    assert recover_request_id(value, JSON) is None
+
+
+def test_never_raises_on_broken_headers() -> None:
+    headers = [("svd-meta", b"{not json"), ("svd-meta", b"twice")]
+    assert recover_request_id(b"", headers) is None
+    assert recover_request_id(b"", [("svd-meta", b"[]")]) is None
