@@ -1,0 +1,228 @@
+"""The SVD itself: pure functions over numpy arrays.
+
+Nothing here knows about asyncio, Kafka, processes or shared memory, so it runs the same in a
+pool worker, in a test, or in a notebook, and every value it takes or returns pickles.
+
+Errors:
+- ``ValueError`` for a request that cannot be computed (shape, dtype, non-finite entries, bad
+  ``k``). The caller maps it to a request error; retrying cannot help.
+- ``ComputeError`` (a ``LinAlgError``) when LAPACK fails with both drivers. It subclasses
+  ``numpy.linalg.LinAlgError`` so code that already catches ``LinAlgError`` keeps working, and its
+  ``__cause__`` is the last driver's error. Not retryable: the same input fails the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+import numpy.typing as npt
+import scipy.linalg
+
+FloatArray = npt.NDArray[np.floating[Any]]
+
+DRIVER_GESDD = "gesdd"
+DRIVER_GESVD = "gesvd"
+
+#: Dense LAPACK decomposition, nothing discarded.
+ALGORITHM_DENSE = "dense"
+#: Dense LAPACK decomposition, then only the top-k triplets kept.
+ALGORITHM_DENSE_TOPK = "dense-topk"
+
+SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+class ComputeError(np.linalg.LinAlgError):
+    """Both LAPACK drivers failed on this matrix (the cause is the last driver's error)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SvdFactors:
+    """``a ≈ u @ diag(s) @ vt``; ``u`` and ``vt`` are None for a values-only request.
+
+    ``s`` is in descending order and has the input's dtype, as do ``u`` and ``vt``.
+    ``driver`` is the LAPACK routine that produced the result; ``algorithm`` says how
+    (``ALGORITHM_DENSE`` or ``ALGORITHM_DENSE_TOPK``).
+    """
+
+    u: FloatArray | None
+    s: FloatArray
+    vt: FloatArray | None
+    driver: str
+    algorithm: str
+
+
+@dataclass(frozen=True, slots=True)
+class OutputShapes:
+    """Shapes of the factors ``svd`` returns for given options (None: not returned)."""
+
+    u: tuple[int, int] | None
+    s: tuple[int]
+    vt: tuple[int, int] | None
+
+
+class Quality(NamedTuple):
+    """See ``quality``."""
+
+    reconstruction: float
+    orthogonality: float
+
+
+def output_shapes(
+    m: int, n: int, *, full_matrices: bool, compute_uv: bool, k: int | None
+) -> OutputShapes:
+    """Shapes of the factors of an m x n matrix, known before computing anything.
+
+    The parent uses this to size the shared-memory result regions before dispatch. It also
+    validates the options, so a bad request fails here, in the parent, without touching a
+    worker. Raises ``ValueError`` for m or n < 1, k outside 1..min(m, n), or ``full_matrices``
+    together with ``k`` (a top-k result has exactly k columns; silently dropping one of the
+    two options would hide a client mistake).
+    """
+    if m < 1 or n < 1:
+        raise ValueError(f"matrix must have at least one row and one column, got {m}x{n}")
+    r = min(m, n)
+    if k is not None:
+        if isinstance(k, bool) or not isinstance(k, int | np.integer):
+            raise ValueError(f"k must be an integer, got {k!r}")
+        if not 1 <= k <= r:
+            raise ValueError(f"k={k} is outside 1..min(m, n)={r} for a {m}x{n} matrix")
+        if full_matrices:
+            raise ValueError("full_matrices and k cannot be combined")
+        r = int(k)
+    if not compute_uv:
+        return OutputShapes(u=None, s=(r,), vt=None)
+    if full_matrices:
+        return OutputShapes(u=(m, m), s=(r,), vt=(n, n))
+    return OutputShapes(u=(m, r), s=(r,), vt=(r, n))
+
+
+def svd(
+    a: npt.NDArray[Any],
+    *,
+    full_matrices: bool = False,
+    compute_uv: bool = True,
+    k: int | None = None,
+) -> SvdFactors:
+    """Singular value decomposition of a real 2-D float32 or float64 matrix.
+
+    Computes in the input's dtype. ``a`` is never modified. With ``k`` only the top-k triplets
+    are returned (today: the thin SVD, sliced; see ``_top_k``). Raises ``ValueError`` for an
+    invalid request and ``ComputeError`` when neither LAPACK driver converges.
+    """
+    _validate(a)
+    m, n = a.shape
+    output_shapes(m, n, full_matrices=full_matrices, compute_uv=compute_uv, k=k)
+    if k is not None:
+        return _top_k(a, int(k), compute_uv=compute_uv)
+    return _dense(a, full_matrices=full_matrices, compute_uv=compute_uv)
+
+
+def quality(
+    a: npt.NDArray[Any], u: npt.NDArray[Any], s: npt.NDArray[Any], vt: npt.NDArray[Any]
+) -> Quality:
+    """How good a factorization is, computed in float64 whatever the factors' dtype.
+
+    With r = len(s), U_r = u[:, :r] and Vt_r = vt[:r, :]:
+
+    - ``reconstruction`` = ||A - U_r diag(s) Vt_r||_F / ||A||_F (the absolute ||.||_F when A = 0).
+      For a top-k result this is the truncation error, not a rounding error.
+    - ``orthogonality`` = max(max|U_r^T U_r - I|, max|Vt_r Vt_r^T - I|): the largest entry, in
+      absolute value, of either Gram matrix's departure from the identity.
+
+    The extra columns of a full ``u`` (rows of a full ``vt``) are not checked: that would cost
+    O(m³) for a tall matrix, more than the SVD itself.
+    """
+    r = s.shape[0]
+    a64 = np.asarray(a, dtype=np.float64)
+    u_r = np.asarray(u[:, :r], dtype=np.float64)
+    vt_r = np.asarray(vt[:r, :], dtype=np.float64)
+    residual = a64 - (u_r * np.asarray(s, dtype=np.float64)) @ vt_r
+    norm_a = float(np.linalg.norm(a64))
+    norm_residual = float(np.linalg.norm(residual))
+    reconstruction = norm_residual / norm_a if norm_a > 0 else norm_residual
+    identity = np.eye(r)
+    orthogonality = max(
+        float(np.max(np.abs(u_r.T @ u_r - identity), initial=0.0)),
+        float(np.max(np.abs(vt_r @ vt_r.T - identity), initial=0.0)),
+    )
+    return Quality(reconstruction, orthogonality)
+
+
+def _validate(a: npt.NDArray[Any]) -> None:
+    if not isinstance(a, np.ndarray) or a.ndim != 2:
+        raise ValueError("expected a 2-D numpy array")
+    if a.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"unsupported dtype {a.dtype}; expected float32 or float64")
+    # LAPACK given NaN or Inf returns garbage or fails to converge; say what is wrong instead.
+    if not np.isfinite(a).all():
+        raise ValueError("matrix contains NaN or infinite entries")
+
+
+def _top_k(a: npt.NDArray[Any], k: int, *, compute_uv: bool) -> SvdFactors:
+    """The k largest singular triplets.
+
+    This is where truncated algorithms (randomized, Lanczos) will plug in, chosen by shape and
+    k; they will report their own ``algorithm``. For now: the thin dense SVD, sliced. Slices
+    are copied so the discarded columns are not kept alive.
+    """
+    full = _dense(a, full_matrices=False, compute_uv=compute_uv)
+    return SvdFactors(
+        u=None if full.u is None else full.u[:, :k].copy(),
+        s=full.s[:k].copy(),
+        vt=None if full.vt is None else full.vt[:k, :].copy(),
+        driver=full.driver,
+        algorithm=ALGORITHM_DENSE_TOPK,
+    )
+
+
+def _dense(a: npt.NDArray[Any], *, full_matrices: bool, compute_uv: bool) -> SvdFactors:
+    """gesdd (divide and conquer, fast), falling back to gesvd (slower, more robust)."""
+    try:
+        result = _lapack_svd(
+            a, driver=DRIVER_GESDD, full_matrices=full_matrices, compute_uv=compute_uv
+        )
+        driver = DRIVER_GESDD
+    except np.linalg.LinAlgError:
+        try:
+            result = _lapack_svd(
+                a, driver=DRIVER_GESVD, full_matrices=full_matrices, compute_uv=compute_uv
+            )
+        except np.linalg.LinAlgError as exc:
+            raise ComputeError("SVD did not converge with gesdd nor with gesvd") from exc
+        driver = DRIVER_GESVD
+    if compute_uv:
+        u, s, vt = result
+        return SvdFactors(u=u, s=s, vt=vt, driver=driver, algorithm=ALGORITHM_DENSE)
+    return SvdFactors(u=None, s=result, vt=None, driver=driver, algorithm=ALGORITHM_DENSE)
+
+
+def _lapack_svd(a: npt.NDArray[Any], *, driver: str, full_matrices: bool, compute_uv: bool) -> Any:
+    """One LAPACK call. ``a`` itself is left intact: the fallback driver and ``quality`` need it.
+
+    LAPACK works in column-major order, so a C-ordered input is copied once whatever we do.
+    Making that copy here lets LAPACK overwrite it (``overwrite_a``) instead of having scipy
+    copy it a second time. An input that is already Fortran-ordered is the caller's, so scipy
+    copies it (once) rather than LAPACK destroying it.
+    """
+    work = np.asfortranarray(a)
+    owned = not np.shares_memory(work, a)
+    return scipy.linalg.svd(
+        work,
+        full_matrices=full_matrices,
+        compute_uv=compute_uv,
+        overwrite_a=owned,
+        check_finite=False,
+        lapack_driver=driver,
+    )
+
+
+def relative_tolerance(dtype: npt.DTypeLike, size: int) -> float:
+    """A loose bound for backward-stable SVD errors: ~ eps * sqrt(size), with headroom.
+
+    Used by tests and health checks to judge ``quality`` figures per dtype.
+    """
+    eps = float(np.finfo(np.dtype(dtype)).eps)
+    return 50.0 * eps * math.sqrt(max(size, 1))

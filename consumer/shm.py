@@ -1,0 +1,250 @@
+"""Shared-memory blocks: matrices in and factors out without pickling them through pipes.
+
+The parent creates one POSIX shared-memory segment per job, sized for the input matrices and
+the pre-computed output regions, and copies each input in once. Only a ``BlockDescriptor``
+(segment name plus array layouts, a few hundred bytes) crosses the process boundary; the worker
+attaches, computes into the output regions and detaches. The parent owns the segment and
+unlinks it on every path: success, error, worker crash, timeout, cancellation.
+
+Why not ``multiprocessing.shared_memory.SharedMemory``: on Python 3.11 every instance, also a
+mere attach, registers the segment with the resource tracker, and its ``close()`` raises
+``BufferError`` from ``__del__`` when a numpy view outlives it. Pool workers share the parent's
+tracker (forkserver and spawn pass its fd down), whose bookkeeping is a set of names: a worker
+that unregisters after attaching, as is often advised, erases the parent's registration, and
+the parent's own unlink then makes the tracker die on a ``KeyError``. So this module maps the
+segments itself, and only the parent talks to the tracker: it registers at creation (so the
+tracker unlinks the segment if the parent is killed before it could) and unregisters at unlink.
+The worker never touches the tracker.
+
+Linux only: a POSIX shared-memory object is a file in ``/dev/shm`` (glibc's ``shm_open`` does
+exactly this). Containers: Docker's default ``/dev/shm`` is 64 MiB, too small for a few
+in-flight 16 MB matrices with their factors; set ``--shm-size``. Space is reserved at creation,
+so a full ``/dev/shm`` raises ``ShmAllocationError`` here rather than SIGBUS on first write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import mmap
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from multiprocessing import resource_tracker
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import numpy as np
+import numpy.typing as npt
+
+SHM_DIR = Path("/dev/shm")
+NAME_PREFIX = "svd-"
+#: Region offsets are multiples of this: a cache line, and enough for any SIMD load.
+ALIGNMENT = 64
+
+_counter = itertools.count()
+_TRACKER_TYPE = "shared_memory"
+
+
+class ShmAllocationError(MemoryError):
+    """No room in /dev/shm for a new block (transient: retry later, or enlarge /dev/shm)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ArraySpec:
+    """An array to reserve room for."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+    @classmethod
+    def of(cls, shape: tuple[int, ...], dtype: npt.DTypeLike) -> ArraySpec:
+        return cls(tuple(int(d) for d in shape), np.dtype(dtype).str)
+
+
+@dataclass(frozen=True, slots=True)
+class ArrayLayout:
+    """Where an array lives in a block: byte offset, shape and dtype (``numpy.dtype.str``)."""
+
+    offset: int
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+@dataclass(frozen=True, slots=True)
+class BlockDescriptor:
+    """What the worker needs to attach a block: small and picklable."""
+
+    name: str
+    size: int
+    arrays: tuple[ArrayLayout, ...]
+
+
+def segment_prefix(pid: int | None = None) -> str:
+    """Name prefix of the segments created by process ``pid`` (default: this one)."""
+    return f"{NAME_PREFIX}{os.getpid() if pid is None else pid}-"
+
+
+def plan_layout(specs: Sequence[ArraySpec]) -> tuple[tuple[ArrayLayout, ...], int]:
+    """Aligned offsets for ``specs``, in order, and the total size (at least 1 byte)."""
+    layouts: list[ArrayLayout] = []
+    offset = 0
+    for spec in specs:
+        layout = ArrayLayout(offset, spec.shape, spec.dtype)
+        layouts.append(layout)
+        offset = _align(offset + layout.nbytes)
+    return tuple(layouts), max(offset, 1)
+
+
+class _Mapped:
+    """A mapping of a segment and numpy views of its regions."""
+
+    def __init__(self, descriptor: BlockDescriptor, mapping: mmap.mmap) -> None:
+        self._descriptor = descriptor
+        self._mmap: mmap.mmap | None = mapping
+
+    @property
+    def descriptor(self) -> BlockDescriptor:
+        return self._descriptor
+
+    @property
+    def closed(self) -> bool:
+        return self._mmap is None
+
+    def array(self, index: int, shape: tuple[int, ...] | None = None) -> npt.NDArray[Any]:
+        """A view of region ``index``, or of its leading elements reshaped to ``shape``.
+
+        A smaller ``shape`` reads outputs shorter than reserved (an algorithm that returns
+        fewer triplets than asked). Views must not be used after ``close()``.
+        """
+        if self._mmap is None:
+            raise ValueError(f"shared-memory block {self._descriptor.name} is closed")
+        layout = self._descriptor.arrays[index]
+        shape = layout.shape if shape is None else shape
+        dtype = np.dtype(layout.dtype)
+        if int(np.prod(shape, dtype=np.int64)) * dtype.itemsize > layout.nbytes:
+            raise ValueError(f"shape {shape} does not fit region {index} {layout.shape}")
+        # frombuffer, not ndarray(buffer=...): only frombuffer holds a buffer export on the
+        # mmap, so unmapping under a live view fails (BufferError) instead of the view
+        # pointing at unmapped memory (SIGSEGV on the next access).
+        count = int(np.prod(shape, dtype=np.int64))
+        flat = np.frombuffer(self._mmap, dtype=dtype, count=count, offset=layout.offset)
+        return flat.reshape(shape)
+
+    def _unmap(self) -> None:
+        mapping, self._mmap = self._mmap, None
+        if mapping is None:
+            return
+        # BufferError: a view is still alive somewhere (e.g. in a traceback's frame). The
+        # mapping is then released with the last view; only the segment's name could leak.
+        with contextlib.suppress(BufferError):
+            mapping.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class ShmBlock(_Mapped):
+    """A segment owned by the parent. ``close()`` unmaps and unlinks; it is idempotent."""
+
+    def __init__(self, specs: Sequence[ArraySpec]) -> None:
+        layouts, size = plan_layout(specs)
+        name, mapping = _create_segment(size)
+        super().__init__(BlockDescriptor(name, size, layouts), mapping)
+        self._unlinked = False
+
+    def close(self) -> None:
+        self._unmap()
+        if self._unlinked:
+            return
+        self._unlinked = True
+        name = self._descriptor.name
+        with contextlib.suppress(FileNotFoundError):
+            (SHM_DIR / name).unlink()
+        resource_tracker.unregister(_tracker_name(name), _TRACKER_TYPE)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._unlinked else "open"
+        return f"<ShmBlock {self._descriptor.name} {self._descriptor.size} bytes {state}>"
+
+
+class AttachedBlock(_Mapped):
+    """A worker's mapping of a parent's segment. ``close()`` unmaps; it never unlinks."""
+
+    def __init__(self, descriptor: BlockDescriptor) -> None:
+        fd = os.open(SHM_DIR / descriptor.name, os.O_RDWR)
+        try:
+            actual = os.fstat(fd).st_size
+            if actual < descriptor.size:
+                raise ValueError(
+                    f"segment {descriptor.name} has {actual} bytes, expected {descriptor.size}"
+                )
+            mapping = mmap.mmap(fd, descriptor.size)
+        finally:
+            os.close(fd)
+        super().__init__(descriptor, mapping)
+
+    def close(self) -> None:
+        self._unmap()
+
+
+def _create_segment(size: int) -> tuple[str, mmap.mmap]:
+    prefix = segment_prefix()
+    while True:
+        name = f"{prefix}{next(_counter)}"
+        path = SHM_DIR / name
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            # Left behind by an earlier process with the same pid that was killed.
+            continue
+        resource_tracker.register(_tracker_name(name), _TRACKER_TYPE)
+        try:
+            _reserve(fd, size)
+            return name, mmap.mmap(fd, size)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            resource_tracker.unregister(_tracker_name(name), _TRACKER_TYPE)
+            raise
+        finally:
+            os.close(fd)
+
+
+def _reserve(fd: int, size: int) -> None:
+    """Allocate the pages now: tmpfs would otherwise fail on first touch with SIGBUS."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
+            raise ShmAllocationError(
+                f"cannot reserve {size} bytes in {SHM_DIR}: {exc.strerror}"
+            ) from exc
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        os.ftruncate(fd, size)
+
+
+def _tracker_name(name: str) -> str:
+    # The tracker's cleanup is shm_unlink, which takes the POSIX "/name" form.
+    return "/" + name
+
+
+def _align(offset: int) -> int:
+    return -(-offset // ALIGNMENT) * ALIGNMENT
