@@ -1,0 +1,201 @@
+"""One request's life after admission: compute with retries, answer, publish, mark done.
+
+Every path ends in exactly one of: a result; or an error result (when the request id is known)
+plus a dead letter holding the original bytes. Only after the broker acknowledged the answer is
+the offset marked done, so the commit position never passes an unanswered request.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import socket
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from aiokafka.structs import ConsumerRecord
+
+from consumer.compute import output_shapes
+from consumer.metrics import Metrics
+from consumer.offsets import PartitionLedger
+from consumer.publisher import Publisher, PublishRejected
+from consumer.settings import ConsumerSettings
+from consumer.work import ComputeFailed, Computer
+from schemas import codec
+from schemas.errors import ContractError, ErrorCode, SvdServiceError
+from schemas.limits import DecodeLimits
+from schemas.models import DeadLetterMeta, ErrorResult
+
+log = logging.getLogger(__name__)
+
+Answer = list[tuple[str, codec.EncodedMessage]]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A record decoded (or rejected) and priced against the in-flight budget."""
+
+    record: ConsumerRecord[bytes, bytes]
+    request: codec.DecodedRequest | None
+    rejection: ContractError | None
+    cost: int
+    received_at: float
+
+    @property
+    def created_at(self) -> float:
+        """When the request was made (epoch s): its own created_at_ms, else the record's time."""
+        if self.request is not None and self.request.meta.created_at_ms is not None:
+            return self.request.meta.created_at_ms / 1000
+        if self.record.timestamp:
+            return float(self.record.timestamp) / 1000
+        return self.received_at
+
+    @property
+    def context(self) -> dict[str, object]:
+        return {
+            "request_id": self.request.meta.request_id if self.request else None,
+            "topic": self.record.topic,
+            "partition": self.record.partition,
+            "offset": self.record.offset,
+        }
+
+
+def limits_from(settings: ConsumerSettings) -> DecodeLimits:
+    return DecodeLimits(
+        max_rows=settings.max_rows,
+        max_cols=settings.max_cols,
+        max_elements=settings.max_elements,
+        max_matrix_bytes=settings.max_matrix_bytes,
+        max_message_bytes=settings.max_message_bytes,
+        # Refuse up front a request whose factors could not be published (headers need room).
+        max_result_bytes=settings.max_message_bytes - 64 * 1024,
+    )
+
+
+def prepare(record: ConsumerRecord[bytes, bytes], limits: DecodeLimits) -> Prepared:
+    """Decode and price one record. Pure CPU: the caller decides where it runs."""
+    value = record.value or b""
+    received_at = time.time()
+    try:
+        request = codec.decode_request(value, list(record.headers), limits)
+    except ContractError as err:
+        return Prepared(record, None, err, len(value), received_at)
+    m, n = request.matrix.shape
+    opts = request.meta.options
+    try:
+        shapes = output_shapes(
+            m, n, full_matrices=opts.full_matrices, compute_uv=opts.compute_uv, k=opts.k
+        )
+    except ValueError as exc:
+        rejection = ContractError(
+            ErrorCode.INVALID_SCHEMA, str(exc), request_id=request.meta.request_id
+        )
+        return Prepared(record, request, rejection, len(value), received_at)
+    itemsize = np.dtype(opts.dtype or request.matrix.dtype).itemsize
+    factors = sum(
+        math.prod(shape) for shape in (shapes.u, shapes.s, shapes.vt) if shape is not None
+    )
+    # What this request holds while in flight: the record, its matrix and factors in shared
+    # memory, and the encoded answer (about the factors' size again).
+    cost = len(value) + itemsize * (m * n + 2 * factors)
+    return Prepared(record, request, None, cost, received_at)
+
+
+class RequestHandler:
+    def __init__(
+        self,
+        settings: ConsumerSettings,
+        computer: Computer,
+        publisher: Publisher,
+        metrics: Metrics,
+    ) -> None:
+        self._settings = settings
+        self._computer = computer
+        self._publisher = publisher
+        self._metrics = metrics
+        self._host = socket.gethostname()
+
+    async def handle(self, prepared: Prepared, ledger: PartitionLedger) -> None:
+        answer = await self._answer(prepared)
+        try:
+            await self._publish(prepared, answer)
+        except PublishRejected as exc:
+            # Only a result can outgrow the topic (inputs that fit, factors that do not).
+            err = SvdServiceError(
+                ErrorCode.LIMIT_EXCEEDED, f"the answer could not be published: {exc}"
+            )
+            try:
+                await self._publish(prepared, self._failure(prepared, err, attempts=1))
+            except PublishRejected:
+                log.error(
+                    "even the error answer was refused (%s); the request stays at its source offset",
+                    exc, extra=prepared.context,
+                )  # fmt: skip
+        ledger.finish(prepared.record.offset)
+        self._metrics.latency.observe(max(0.0, time.time() - prepared.created_at))
+
+    async def _publish(self, prepared: Prepared, answer: Answer) -> None:
+        for topic, message in answer:
+            await self._publisher.publish(topic, message, context=prepared.context)
+
+    async def _answer(self, prepared: Prepared) -> Answer:
+        if prepared.rejection is not None:
+            return self._failure(prepared, prepared.rejection, attempts=1)
+        request = prepared.request
+        assert request is not None
+        deadline_ms = request.meta.deadline_ms
+        if deadline_ms is not None and time.time() * 1000 > deadline_ms:
+            self._metrics.expired.inc()
+            err = SvdServiceError(
+                ErrorCode.EXPIRED, f"deadline {deadline_ms} ms passed before compute"
+            )
+            return self._failure(prepared, err, attempts=1)
+        try:
+            message = await self._computer.compute(prepared, self._host)
+        except ComputeFailed as failed:
+            return self._failure(prepared, failed.error, attempts=failed.attempts)
+        self._metrics.succeeded.inc()
+        return [(self._reply_topic(prepared), message)]
+
+    def _reply_topic(self, prepared: Prepared) -> str:
+        if prepared.request is not None and prepared.request.meta.reply_topic:
+            return prepared.request.meta.reply_topic
+        return self._settings.results_topic
+
+    def _failure(self, prepared: Prepared, err: SvdServiceError, *, attempts: int) -> Answer:
+        record = prepared.record
+        request_id = err.request_id or (
+            prepared.request.meta.request_id
+            if prepared.request
+            else codec.recover_request_id(record.value or b"", list(record.headers))
+        )
+        self._metrics.failed.labels(code=str(err.code)).inc()
+        log.warning(
+            "request failed with %s (%s); answering with an error result and a dead letter",
+            err.code, err.message, extra={**prepared.context, "request_id": request_id, "code": err.code},
+        )  # fmt: skip
+        answer: Answer = []
+        if request_id is not None:
+            error = ErrorResult(
+                request_id=request_id, code=err.code, message=err.message, retryable=err.retryable
+            )
+            answer.append((self._reply_topic(prepared), codec.encode_error(error)))
+        dead = DeadLetterMeta(
+            reason=err.message,
+            code=err.code,
+            source_topic=record.topic,
+            source_partition=record.partition,
+            source_offset=record.offset,
+            attempts=attempts,
+            request_id=request_id,
+            timestamp_ms=int(time.time() * 1000),
+        )
+        answer.append(
+            (
+                self._settings.dlq_topic,
+                codec.encode_dead_letter(record.value, list(record.headers), dead, key=record.key),
+            )
+        )
+        self._metrics.dead_lettered.inc()
+        return answer

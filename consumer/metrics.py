@@ -1,0 +1,92 @@
+"""The service's Prometheus metrics, in its own registry, updated in the parent process only.
+
+Pool workers never touch these: the parent records what they did from the lifecycle hooks
+(admitted, computed, answered, worker started or exited).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    120,
+    300,
+)
+_BYTES_BUCKETS = tuple(float(4**i) for i in range(4, 15))  # 256 B .. 256 MiB
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.received = Counter("svd_requests_received", "Requests read from Kafka", registry=r)
+        self.succeeded = Counter(
+            "svd_requests_succeeded", "Requests answered with factors", registry=r
+        )
+        self.failed = Counter(
+            "svd_requests_failed", "Requests answered with an error", ["code"], registry=r
+        )
+        self.retried = Counter(
+            "svd_requests_retried", "Pool attempts repeated after a crash", registry=r
+        )
+        self.dead_lettered = Counter("svd_dead_letters", "Records written to the DLQ", registry=r)
+        self.expired = Counter("svd_requests_expired", "Requests past their deadline", registry=r)
+        self.publish_retries = Counter(
+            "svd_publish_retries", "Answer publishes retried", registry=r
+        )
+        self.latency = Histogram(
+            "svd_end_to_end_seconds",
+            "Request created to answer acknowledged",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "svd_queue_wait_seconds",
+            "Request created to compute start",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.compute = Histogram(
+            "svd_compute_seconds", "Time inside the worker", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.payload = Histogram(
+            "svd_request_bytes", "Size of request values", buckets=_BYTES_BUCKETS, registry=r
+        )
+        self.inflight_requests = Gauge(
+            "svd_inflight_requests", "Admitted, not yet answered", registry=r
+        )
+        self.inflight_bytes = Gauge(
+            "svd_inflight_bytes", "Budget bytes held by in-flight requests", registry=r
+        )
+        self.inflight_requests_limit = Gauge(
+            "svd_inflight_requests_limit", "In-flight request limit", registry=r
+        )
+        self.inflight_bytes_limit = Gauge(
+            "svd_inflight_bytes_limit", "In-flight byte budget", registry=r
+        )
+        self.workers_alive = Gauge("svd_pool_workers_alive", "Pool processes alive", registry=r)
+        self.workers_busy = Gauge(
+            "svd_pool_workers_busy", "Pool processes running a task", registry=r
+        )
+        self.pool_size = Gauge("svd_pool_size", "Configured pool size", registry=r)
+        self.paused_partitions = Gauge(
+            "svd_paused_partitions", "Partitions paused by backpressure", registry=r
+        )
+        self.assigned_partitions = Gauge(
+            "svd_assigned_partitions", "Partitions owned by this member", registry=r
+        )

@@ -1,0 +1,63 @@
+"""Publishing answers: idempotent producer, acks=all, retried until the broker acknowledges.
+
+An answer that is not acknowledged is never counted as done, so its offset is never committed:
+a crash before the acknowledgement redelivers the request instead of losing it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
+
+from schemas.codec import EncodedMessage
+
+log = logging.getLogger(__name__)
+
+
+class PublishRejected(Exception):
+    """The broker refused the message for good (too large); retrying cannot help."""
+
+
+class Publisher:
+    def __init__(
+        self,
+        producer: AIOKafkaProducer,
+        *,
+        on_retry: Callable[[], None] = lambda: None,
+        backoff_s: float = 0.2,
+        max_backoff_s: float = 5.0,
+    ) -> None:
+        self._producer = producer
+        self._on_retry = on_retry
+        self._backoff_s = backoff_s
+        self._max_backoff_s = max_backoff_s
+
+    async def publish(
+        self, topic: str, message: EncodedMessage, *, context: dict[str, object]
+    ) -> None:
+        """Return once the broker has acknowledged ``message``; retry transient failures forever.
+
+        Only cancellation (a hard stop) ends the retries; the request is then redelivered.
+        """
+        delay = self._backoff_s
+        while True:
+            try:
+                ack = await self._producer.send(
+                    topic, message.value, key=message.key, headers=message.headers
+                )
+                await ack
+                return
+            except MessageSizeTooLargeError as exc:
+                raise PublishRejected(f"{topic} refused {len(message.value)} bytes") from exc
+            except KafkaError as exc:
+                self._on_retry()
+                log.warning(
+                    "publish to %s failed (%r); retrying in %.1fs",
+                    topic, exc, delay, extra=context,
+                )  # fmt: skip
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._max_backoff_s)

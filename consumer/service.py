@@ -1,0 +1,347 @@
+"""The consumer service: fetch, admit within the budget, pause when full, commit what is done.
+
+The loop reads at a glance: poll, admit each record or hand it back, repeat. Per-request work
+lives in ``handler.py``, offsets in ``offsets.py``, the budget in ``flow.py``, the pool in
+``pool.py``. Shutdown is two-phase: stop taking work and drain up to a deadline, commit, then
+cancel what is left (it will be redelivered) and close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
+from aiokafka.structs import ConsumerRecord
+
+from consumer.cpu import available_cpus, blas_threads_per_worker
+from consumer.flow import Budget, InFlight
+from consumer.handler import Prepared, RequestHandler, limits_from, prepare
+from consumer.metrics import Metrics
+from consumer.offsets import OffsetTracker, PartitionLedger
+from consumer.pool import WorkerPool
+from consumer.publisher import Publisher
+from consumer.settings import ConsumerSettings
+from consumer.tasks import TaskSet
+from consumer.work import Computer
+
+log = logging.getLogger(__name__)
+
+# JSON bodies above this size are decoded in a thread so the loop keeps heartbeating and fetching.
+_DECODE_IN_THREAD_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Summary:
+    received: int
+    answered: int
+    in_flight_at_stop: int
+    cancelled: int
+    seconds: float
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, service: SvdService) -> None:
+        self._service = service
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        await self._service.on_revoked(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        self._service.on_assigned(set(assigned))
+
+
+class SvdService:
+    def __init__(self, settings: ConsumerSettings, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        cpus = available_cpus()
+        self.pool_size = settings.pool_size or cpus
+        self.blas_threads = settings.blas_threads or blas_threads_per_worker(cpus, self.pool_size)
+        self.inflight = InFlight(
+            Budget(
+                max_requests=settings.max_inflight or 4 * self.pool_size,
+                max_bytes=settings.max_inflight_bytes,
+                resume_ratio=settings.resume_ratio,
+            )
+        )
+        self.offsets = OffsetTracker()
+        self.paused = False
+        self.ready = asyncio.Event()  # joined the group with the pool up
+        self._limits = limits_from(settings)
+        self._stopping = asyncio.Event()
+        self._hard_stop = asyncio.Event()
+        self._closing = False
+        self._requests = TaskSet(on_fatal=self._fatal)
+        self._background = TaskSet(on_fatal=self._fatal)
+        self._fatal_error: BaseException | None = None
+        self._received = 0
+        self._answered = 0
+        self.pool: WorkerPool
+        self._consumer: AIOKafkaConsumer
+        self._producer: AIOKafkaProducer
+        self._handler: RequestHandler
+
+    # -- control -------------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        """First SIGTERM/SIGINT: stop fetching and drain. A second one stops at once."""
+        if self._stopping.is_set():
+            log.warning("second stop signal: abandoning the drain")
+            self._hard_stop.set()
+        self._stopping.set()
+
+    def _fatal(self, exc: BaseException | None, name: str) -> None:
+        if self._stopping.is_set():
+            return
+        log.critical("background task %s ended (%r); stopping the service", name, exc)
+        self._fatal_error = exc or RuntimeError(f"{name} ended")
+        self._stopping.set()
+
+    # -- run -----------------------------------------------------------------------------------
+    async def run(self) -> Summary:
+        started = time.monotonic()
+        try:
+            await self._start()
+            await self._consume()
+        finally:
+            summary = await self._shutdown(started)
+        if self._fatal_error is not None:
+            raise RuntimeError("the service stopped after a fatal error") from self._fatal_error
+        return summary
+
+    async def _start(self) -> None:
+        s = self.settings
+        m = self.metrics
+        self.pool = WorkerPool(
+            self.pool_size,
+            self.blas_threads,
+            on_worker_started=lambda pid: m.workers_alive.inc(),
+            on_worker_exited=lambda pid, code: m.workers_alive.dec(),
+        )
+        await self.pool.start()
+        m.pool_size.set(self.pool_size)
+        m.inflight_requests_limit.set(self.inflight.budget.max_requests)
+        m.inflight_bytes_limit.set(self.inflight.budget.max_bytes)
+        security = s.kafka_security()
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=s.bootstrap_servers,
+            client_id=f"{s.instance_id}-producer",
+            acks="all",
+            enable_idempotence=True,
+            max_request_size=s.max_message_bytes,
+            linger_ms=2,
+            **security,
+        )
+        await self._producer.start()
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=s.bootstrap_servers,
+            client_id=s.instance_id,
+            group_id=s.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_interval_ms=int(s.max_poll_interval_s * 1000),
+            session_timeout_ms=int(s.session_timeout_s * 1000),
+            heartbeat_interval_ms=int(s.heartbeat_interval_s * 1000),
+            fetch_max_bytes=s.fetch_max_bytes,
+            max_partition_fetch_bytes=s.max_message_bytes,
+            **security,
+        )
+        self._consumer.subscribe([s.requests_topic], listener=_Rebalance(self))
+        await self._consumer.start()
+        publisher = Publisher(self._producer, on_retry=m.publish_retries.inc)
+        computer = Computer(s, self.pool, m)
+        self._handler = RequestHandler(s, computer, publisher, m)
+        self._background.spawn(
+            self._commit_every(s.commit_interval_s), name="committer", critical=True
+        )
+        log.info(
+            "consuming %s as %s in group %s: pool %d x %d BLAS threads, in-flight %d requests / %d MiB",
+            s.requests_topic, s.instance_id, s.group_id, self.pool_size, self.blas_threads,
+            self.inflight.budget.max_requests, self.inflight.budget.max_bytes >> 20,
+        )  # fmt: skip
+
+    async def _consume(self) -> None:
+        poll_ms = int(self.settings.poll_timeout_s * 1000)
+        while not self._stopping.is_set():
+            if self.paused:
+                await self._wait_for_room()
+            batch = await self._consumer.getmany(timeout_ms=poll_ms)
+            if batch:
+                await self._admit_batch(batch)
+            if not self.ready.is_set() and self._consumer.assignment():
+                self.ready.set()
+
+    async def _wait_for_room(self) -> None:
+        # getmany must still be called while paused, or the member leaves its group once
+        # max.poll.interval passes (aiokafka #720, #848); so the wait is bounded by a poll.
+        if not self.inflight.below_low_watermark():
+            await self.inflight.wait_for_release(self.settings.poll_timeout_s)
+        if self.inflight.below_low_watermark():
+            self._resume()
+
+    async def _admit_batch(
+        self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
+    ) -> None:
+        full = False
+        for tp, records in batch.items():
+            for record in records:
+                if not full and await self._admit(tp, record):
+                    continue
+                # No room: hand this record and the rest of the partition back to Kafka.
+                full = True
+                if tp in self._consumer.assignment():
+                    self._consumer.seek(tp, record.offset)
+                break
+        if full:
+            self._pause()
+
+    async def _admit(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> bool:
+        """Start work on ``record`` if the budget has room; False hands it back."""
+        if self.inflight.requests >= self.inflight.budget.max_requests:
+            return False
+        value_size = len(record.value or b"")
+        if value_size > _DECODE_IN_THREAD_BYTES:
+            prepared = await asyncio.to_thread(prepare, record, self._limits)
+        else:
+            prepared = prepare(record, self._limits)
+        if tp not in self._consumer.assignment():
+            return True  # revoked while decoding: the new owner reads it from the last commit
+        if not self.inflight.fits(prepared.cost):
+            return False
+        ledger = self.offsets.ledger(tp)
+        ledger.begin(record.offset)
+        self.inflight.admit(prepared.cost)
+        self._received += 1
+        self.metrics.received.inc()
+        self.metrics.payload.observe(value_size)
+        self._gauge_inflight()
+        self._requests.spawn(
+            self._handle(prepared, ledger),
+            name=f"request {tp.topic}-{tp.partition}@{record.offset}",
+        )
+        return True
+
+    async def _handle(self, prepared: Prepared, ledger: PartitionLedger) -> None:
+        try:
+            await self._handler.handle(prepared, ledger)
+            self._answered += 1
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # A bug, not an input problem: the offset stays uncommitted so the request is
+            # redelivered after a restart instead of being lost.
+            log.exception(
+                "unexpected failure; the request stays uncommitted", extra=prepared.context
+            )
+        finally:
+            self.inflight.release(prepared.cost)
+            self._gauge_inflight()
+
+    # -- backpressure --------------------------------------------------------------------------
+    def _pause(self) -> None:
+        assigned = self._consumer.assignment()
+        self._consumer.pause(*assigned)
+        if not self.paused:
+            log.info(
+                "in-flight budget full (%d requests, %d bytes): pausing %d partitions",
+                self.inflight.requests, self.inflight.bytes, len(assigned),
+            )  # fmt: skip
+        self.paused = True
+        self.metrics.paused_partitions.set(len(self._consumer.paused()))
+
+    def _resume(self) -> None:
+        self._consumer.resume(*self._consumer.assignment())
+        self.paused = False
+        self.metrics.paused_partitions.set(0)
+        log.info("in-flight below the low watermark: resuming")
+
+    def _gauge_inflight(self) -> None:
+        self.metrics.inflight_requests.set(self.inflight.requests)
+        self.metrics.inflight_bytes.set(self.inflight.bytes)
+
+    # -- rebalances ----------------------------------------------------------------------------
+    def on_assigned(self, assigned: set[TopicPartition]) -> None:
+        # Pause flags do not survive a rebalance: re-apply ours to what we were given.
+        if self.paused or self._stopping.is_set():
+            self._consumer.pause(*assigned)
+        self.metrics.assigned_partitions.set(len(self._consumer.assignment()))
+        self.metrics.paused_partitions.set(len(self._consumer.paused()))
+        log.info("assigned %s", sorted(f"{tp.topic}-{tp.partition}" for tp in assigned))
+
+    async def on_revoked(self, revoked: set[TopicPartition]) -> None:
+        """Start nothing new for ``revoked``; wait (bounded) for its answers, commit, let go."""
+        if not self._closing:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + min(
+                self.settings.drain_timeout_s, self.settings.session_timeout_s
+            )
+            while loop.time() < deadline and any(
+                self.offsets.ledger(tp).in_flight for tp in revoked if tp in self.offsets.owned()
+            ):
+                await self.inflight.wait_for_release(max(0.0, deadline - loop.time()))
+        await self._commit(revoked)
+        self.offsets.revoke(revoked)
+        log.info("revoked %s", sorted(f"{tp.topic}-{tp.partition}" for tp in revoked))
+
+    # -- commits -------------------------------------------------------------------------------
+    async def _commit(self, tps: set[TopicPartition] | None = None) -> None:
+        offsets = self.offsets.to_commit(tps)
+        if not offsets:
+            return
+        try:
+            await self._consumer.commit(offsets)
+        except KafkaError as exc:
+            log.warning("commit of %s failed (%r); the next commit retries", offsets, exc)
+            return
+        self.offsets.committed(offsets)
+
+    async def _commit_every(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            await self._commit()
+
+    # -- shutdown ------------------------------------------------------------------------------
+    async def _shutdown(self, started: float) -> Summary:
+        in_flight = len(self._requests)
+        if hasattr(self, "_consumer"):
+            self._consumer.pause(*self._consumer.assignment())
+        remaining = await self._requests.wait(
+            self.settings.drain_timeout_s, stop_early=self._hard_stop
+        )
+        self._closing = True
+        await self._background.cancel_all()
+        if hasattr(self, "_consumer"):
+            await self._commit()
+        cancelled = await self._requests.cancel_all()
+        for closer in (self._close_consumer, self._close_producer, self._close_pool):
+            try:
+                await closer()
+            except Exception:
+                log.exception("error while closing; carrying on with shutdown")
+        summary = Summary(
+            self._received, self._answered, in_flight, cancelled, time.monotonic() - started
+        )
+        budget = self.inflight.budget
+        log.info(
+            "stopped after %.1fs: received %d, answered %d, in flight at stop %d, drained %d, "
+            "cancelled %d (redelivered on restart); peak in flight %d/%d requests, %d/%d bytes",
+            summary.seconds, summary.received, summary.answered, in_flight, in_flight - remaining,
+            cancelled, self.inflight.peak_requests, budget.max_requests, self.inflight.peak_bytes,
+            budget.max_bytes,
+        )  # fmt: skip
+        return summary
+
+    async def _close_consumer(self) -> None:
+        if hasattr(self, "_consumer"):
+            await self._consumer.stop()
+
+    async def _close_producer(self) -> None:
+        if hasattr(self, "_producer"):
+            await self._producer.stop()
+
+    async def _close_pool(self) -> None:
+        if hasattr(self, "pool"):
+            await self.pool.close(timeout=5.0)

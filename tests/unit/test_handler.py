@@ -1,0 +1,151 @@
+"""Per-request paths that need no broker: publish retries gate the offset; failures map to codes."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import pytest
+from aiokafka import TopicPartition
+from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError
+from aiokafka.structs import ConsumerRecord
+
+from consumer.handler import RequestHandler, prepare
+from consumer.metrics import Metrics
+from consumer.offsets import OffsetTracker
+from consumer.pool import TaskFailed
+from consumer.publisher import Publisher
+from consumer.settings import ConsumerSettings
+from consumer.work import Computer
+from consumer.worker import KIND_LINALG, JobFailure
+from schemas import codec
+from schemas.deadletter import read_dead_letter
+from schemas.errors import ErrorCode
+from schemas.limits import DecodeLimits
+from schemas.models import ErrorResult
+from tests.support.kafka_io import make_request
+
+TP = TopicPartition("svd-requests", 0)
+
+
+class FlakyProducer:
+    """Fails the first ``failures`` sends, then acknowledges; records what was acknowledged."""
+
+    def __init__(self, failures: int = 0, error: Exception | None = None) -> None:
+        self.failures = failures
+        self.error = error or KafkaConnectionError("broker away")
+        self.sent: list[tuple[str, bytes, list[tuple[str, bytes]]]] = []
+        self.attempts = 0
+        self.gate = asyncio.Event()  # successful sends wait here until the test opens it
+        self.gate.set()
+        self.waiting = asyncio.Event()
+
+    async def send(
+        self, topic: str, value: bytes, *, key: bytes, headers: list[tuple[str, bytes]]
+    ) -> Any:
+        self.attempts += 1
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self.attempts <= self.failures:
+            future.set_exception(self.error)
+        else:
+            self.waiting.set()
+            await self.gate.wait()
+            self.sent.append((topic, value, headers))
+            future.set_result(None)
+        return future
+
+
+class FailingPool:
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    async def run(self, job: Any, timeout: float | None = None) -> Any:
+        raise self.error
+
+
+def _record(message: codec.EncodedMessage, offset: int = 0) -> ConsumerRecord[bytes, bytes]:
+    return ConsumerRecord(
+        topic=TP.topic, partition=TP.partition, offset=offset, timestamp=0, timestamp_type=0,
+        key=message.key, value=message.value, checksum=None, serialized_key_size=0,
+        serialized_value_size=len(message.value), headers=tuple(message.headers),
+    )  # fmt: skip
+
+
+def _handler(producer: FlakyProducer, pool: Any) -> RequestHandler:
+    settings = ConsumerSettings(retry_backoff_s=0.0)
+    metrics = Metrics()
+    publisher = Publisher(producer, backoff_s=0.0)  # type: ignore[arg-type]
+    return RequestHandler(settings, Computer(settings, pool, metrics), publisher, metrics)
+
+
+async def test_the_offset_is_done_only_after_the_answer_is_acknowledged() -> None:
+    producer = FlakyProducer(failures=3)
+    request_id, message = make_request(np.ones((2, 2)), deadline_ms=1)  # expired: no pool needed
+    record = _record(message)
+    tracker = OffsetTracker()
+    ledger = tracker.ledger(TP)
+    ledger.begin(record.offset)
+    handler = _handler(producer, FailingPool(AssertionError("must not compute")))
+    producer.gate.clear()
+    task = asyncio.create_task(handler.handle(prepare(record, DecodeLimits()), ledger))
+    await asyncio.wait_for(producer.waiting.wait(), 10)  # three failures behind, ack not yet given
+    assert tracker.to_commit() == {TP: 0}  # not acknowledged yet: nothing committable
+    producer.gate.set()
+    await asyncio.wait_for(task, 10)
+    assert producer.attempts == 5  # 3 failures, then the error result and the dead letter
+    assert tracker.to_commit() == {TP: 1}
+    error = codec.decode_reply(producer.sent[0][1], producer.sent[0][2])
+    assert isinstance(error, ErrorResult) and error.code == ErrorCode.EXPIRED
+    assert error.request_id == request_id
+
+
+async def test_a_lapack_failure_is_answered_svd_failed_without_retry() -> None:
+    failure = JobFailure(kind=KIND_LINALG, error_type="LinAlgError", message="SVD did not converge",
+                         retryable=False, traceback="")  # fmt: skip
+    producer = FlakyProducer()
+    _, message = make_request(np.ones((3, 3)))
+    record = _record(message)
+    ledger = OffsetTracker().ledger(TP)
+    ledger.begin(0)
+    await _handler(producer, FailingPool(TaskFailed(failure, pid=1))).handle(
+        prepare(record, DecodeLimits()), ledger
+    )
+    (error_msg, dead_msg) = producer.sent
+    error = codec.decode_reply(error_msg[1], error_msg[2])
+    assert (
+        isinstance(error, ErrorResult)
+        and error.code == ErrorCode.SVD_FAILED
+        and not error.retryable
+    )
+    dead = read_dead_letter(dead_msg[1], dead_msg[2])
+    assert dead.value == message.value and dead.meta.attempts == 1
+
+
+async def test_an_answer_the_broker_refuses_for_size_becomes_an_error_result() -> None:
+    class TooLargeOnce(FlakyProducer):
+        async def send(self, topic: str, value: bytes, **kw: Any) -> Any:
+            if not self.sent and self.attempts == 0:
+                self.attempts += 1
+                raise MessageSizeTooLargeError("too big")
+            return await super().send(topic, value, **kw)
+
+    producer = TooLargeOnce()
+    _, message = make_request(np.ones((2, 2)), deadline_ms=1)  # its first publish is refused
+    ledger = OffsetTracker().ledger(TP)
+    ledger.begin(0)
+    await _handler(producer, FailingPool(AssertionError())).handle(
+        prepare(_record(message), DecodeLimits()), ledger
+    )
+    assert [topic for topic, _, _ in producer.sent] == ["svd-results", "svd-dlq"]
+    error = codec.decode_reply(producer.sent[0][1], producer.sent[0][2])
+    assert isinstance(error, ErrorResult) and error.code == ErrorCode.LIMIT_EXCEEDED
+    assert ledger.commit_position() == 1
+
+
+@pytest.mark.parametrize("value", [b"", b"{", b"\xff\xfe"])
+def test_undecodable_records_are_priced_at_their_size(value: bytes) -> None:
+    prepared = prepare(
+        _record(codec.EncodedMessage(key=b"", value=value, headers=[])), DecodeLimits()
+    )
+    assert prepared.rejection is not None and prepared.cost == len(value)
