@@ -1,38 +1,135 @@
-"""``python -m demo``: start the local broker and the project's topics; Ctrl-C stops everything."""
+"""``python -m demo`` (``make run``): the local broker, the consumer service and a verified workload.
+
+Starts a real Kafka broker (jars from Maven Central, cached), creates the topics, starts the
+consumer service as its own process, drives a few hundred SVDs of mixed sizes plus bad requests
+through the SDK, and prints a verified summary. Ctrl-C at any point stops everything: the
+service drains, the broker stops, no JVM or worker is left behind.
+"""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import os
 import signal
+import subprocess
 import sys
-import threading
+import time
+from pathlib import Path
 
+import numpy as np
+
+from demo.workload import Report, run_workload
 from localkafka import BrokerError, LocalBroker, ensure_topics
 
+REPO = Path(__file__).resolve().parent.parent
 
-def main() -> int:
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__)
+    parser.add_argument("--count", type=int, default=300, help="matrices to send (default 300)")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="leave the service up after the summary, until Ctrl-C",
+    )
+    return parser
+
+
+def _start_service(bootstrap: str, log_path: Path) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "SVD_BOOTSTRAP_SERVERS": bootstrap,
+        "SVD_GROUP_ID": "svd-demo",
+        "SVD_METRICS_PORT": os.environ.get("SVD_METRICS_PORT", "9400"),
+    }
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "consumer", "run"],
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C reaches the demo only; it stops the service in order
+        )
+
+
+def _stop_service(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def _summary(report: Report) -> str:
+    lat = np.array(report.latencies_ms) if report.latencies_ms else np.zeros(1)
+    lines = [
+        "",
+        "summary",
+        f"  SVDs sent {report.sent}, verified {report.verified} "
+        f"(U diag(S) Vt reconstructs A; U, V orthonormal), wrong {len(report.wrong)}, "
+        f"failed {len(report.failed)}",
+        f"  round trip p50 {np.percentile(lat, 50):.1f} ms, p99 {np.percentile(lat, 99):.1f} ms; "
+        f"{report.sent / max(report.seconds, 1e-9):.0f} SVDs/s over {report.seconds:.1f} s",
+        f"  bad requests sent {report.bad_sent}: answered with the expected code "
+        f"{sum(report.bad_answered.get(k) == v for k, v in report.bad_expected.items())}, "
+        f"dead letters {report.dead_letters}",
+    ]
+    for request_id, code in sorted(report.bad_expected.items()):
+        got = report.bad_answered.get(request_id, "no answer")
+        lines.append(f"    {code:<28} -> {got}{'' if got == code else '  (MISMATCH)'}")
+    for failure in report.failed[:5]:
+        lines.append(f"  failed: {failure}")
+    lines.append("RESULT: " + ("all verified" if report.ok else "VERIFICATION FAILED"))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     broker = LocalBroker()
+    service: subprocess.Popen[bytes] | None = None
+    # SIGTERM takes the same orderly path as Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         print(
-            "starting the local Kafka broker (first run fetches the jars with Maven) ...",
+            "starting the local Kafka broker (the first run fetches its jars with Maven) ...",
             flush=True,
         )
         state = broker.start(die_with_parent=True)
         topics = asyncio.run(ensure_topics(state.bootstrap, broker.topics))
+        print(f"broker ready at {state.bootstrap}; topics {topics}", flush=True)
+        log_path = broker.workdir / "consumer.log"
+        service = _start_service(state.bootstrap, log_path)
+        print(f"consumer service started (pid {service.pid}); its log: {log_path}", flush=True)
+        names = {
+            "requests": broker.topics.requests,
+            "results": broker.topics.results,
+            "dlq": broker.topics.dlq,
+        }
+        report = asyncio.run(run_workload(state.bootstrap, names, count=args.count, seed=args.seed))
+        print(_summary(report), flush=True)
+        if args.keep_running:
+            print("the service keeps running; Ctrl-C stops it and the broker", flush=True)
+            while service.poll() is None:
+                time.sleep(0.5)
+        return 0 if report.ok else 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopping the service and the broker", flush=True)
+        return 130
     except BrokerError as exc:
         print(f"demo: {exc}", file=sys.stderr)
-        broker.stop()
         return 2
-    print(f"broker ready at {state.bootstrap}; topics {topics}")
-    print("not built yet: the consumer service and the SDK-driven demo workload.")
-    print("Ctrl-C stops the broker.", flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    broker.stop()
-    print("broker stopped")
-    return 0
+    finally:
+        if service is not None:
+            _stop_service(service)
+            print("consumer service stopped", flush=True)
+        broker.stop()
+        print("broker stopped", flush=True)
 
 
 if __name__ == "__main__":

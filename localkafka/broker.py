@@ -85,7 +85,9 @@ class LocalBroker:
     ) -> None:
         self.settings = settings or BrokerSettings()
         self.topics = topics or TopicSettings()
-        self.workdir = (workdir or self.settings.home / "instance").resolve()
+        self.workdir = (
+            workdir or self.settings.workdir or self.settings.home / "instance"
+        ).resolve()
         self._proc: subprocess.Popen[bytes] | None = None
 
     # -- paths ---------------------------------------------------------------------------------

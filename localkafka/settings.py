@@ -18,6 +18,7 @@ class BrokerSettings(BaseSettings):
 
     kafka_version: str = "4.1.1"
     home: Path = Field(default=REPO_ROOT / ".kafka", description="jar cache and default instance")
+    workdir: Path | None = Field(default=None, description="broker state; default: <home>/instance")
     port: int = Field(default=0, ge=0, le=65535, description="client port; 0 picks a free one")
     controller_port: int = Field(default=0, ge=0, le=65535)
     host: str = "127.0.0.1"
