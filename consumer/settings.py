@@ -58,7 +58,6 @@ class ConsumerSettings(BaseSettings):
     drain_timeout_s: float = Field(default=30.0, ge=0)
     max_attempts: int = Field(default=3, ge=1, description="pool attempts per request")
     retry_backoff_s: float = Field(default=0.2, ge=0)
-    publish_timeout_s: float = Field(default=30.0, gt=0)
 
     # Input limits, checked before anything is allocated
     max_rows: int = Field(default=16384, ge=1)
