@@ -17,8 +17,10 @@ import signal
 import socket
 import subprocess
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from localkafka.errors import BrokerError
 from localkafka.jars import ensure_jars
@@ -41,16 +43,41 @@ logger.request.level = WARN
 """
 
 
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+
+
+@dataclass(frozen=True)
+class ExtraListener:
+    """A client listener besides PLAINTEXT, e.g. ``ExtraListener("SCRAM", "SASL_PLAINTEXT")``.
+
+    Its settings go in ``extra_properties`` under ``listener.name.<name in lower case>.``; the
+    PLAINTEXT listener stays the inter-broker listener and the one topics are created on.
+    """
+
+    name: str
+    security_protocol: SecurityProtocol
+    port: int = 0  # 0: a free port, kept across restarts like the PLAINTEXT one
+
+    def __post_init__(self) -> None:
+        if not self.name.isidentifier() or self.name.upper() in ("PLAINTEXT", "CONTROLLER"):
+            raise ValueError(f"listener name {self.name!r}: letters, digits, _; not a built-in")
+
+
 @dataclass(frozen=True)
 class BrokerState:
     pid: int
     port: int
     controller_port: int
     host: str
+    listeners: dict[str, int] = field(default_factory=dict)  # extra listener name -> port
 
     @property
     def bootstrap(self) -> str:
         return f"{self.host}:{self.port}"
+
+    def bootstrap_for(self, listener: str) -> str:
+        """The address of an extra listener (KeyError when the broker has none of that name)."""
+        return f"{self.host}:{self.listeners[listener]}"
 
 
 def free_port(host: str) -> int:
@@ -75,19 +102,35 @@ def is_alive(pid: int) -> bool:
 
 
 class LocalBroker:
-    """One broker in ``workdir``; ``start`` is idempotent and ``stop`` leaves no JVM behind."""
+    """One broker in ``workdir``; ``start`` is idempotent and ``stop`` leaves no JVM behind.
+
+    The optional arguments add client listeners (SASL, TLS) for the security tests:
+    ``extra_properties`` are written after (and override) the defaults, ``format_args`` are
+    appended to ``kafka-storage format`` (e.g. ``--add-scram``), so they apply on the first
+    start of a work directory only. ``localkafka.security`` builds all three.
+    """
 
     def __init__(
         self,
         settings: BrokerSettings | None = None,
         topics: TopicSettings | None = None,
         workdir: Path | None = None,
+        *,
+        extra_listeners: Sequence[ExtraListener] = (),
+        extra_properties: Mapping[str, str] | None = None,
+        format_args: Sequence[str] = (),
     ) -> None:
         self.settings = settings or BrokerSettings()
         self.topics = topics or TopicSettings()
         self.workdir = (
             workdir or self.settings.workdir or self.settings.home / "instance"
         ).resolve()
+        names = [listener.name.upper() for listener in extra_listeners]
+        if len(set(names)) != len(names):
+            raise ValueError(f"listener names must be unique: {names}")
+        self.extra_listeners = tuple(extra_listeners)
+        self.extra_properties = dict(extra_properties or {})
+        self.format_args = tuple(format_args)
         self._proc: subprocess.Popen[bytes] | None = None
 
     # -- paths ---------------------------------------------------------------------------------
@@ -144,7 +187,8 @@ class LocalBroker:
         libs = ensure_jars(self.settings.libs_dir, self.settings.kafka_version)
         self.workdir.mkdir(parents=True, exist_ok=True)
         port, controller_port = self._ports()
-        config = self._write_configs(port, controller_port)
+        extra_ports = self._extra_ports()
+        config = self._write_configs(port, controller_port, extra_ports)
         self._format_storage(java, libs, config)
 
         cmd = [
@@ -162,7 +206,7 @@ class LocalBroker:
                 start_new_session=True,  # Ctrl-C in the terminal reaches us, and we stop it in order
                 preexec_fn=_die_with_parent if die_with_parent else None,
             )
-        state = BrokerState(self._proc.pid, port, controller_port, self.settings.host)
+        state = BrokerState(self._proc.pid, port, controller_port, self.settings.host, extra_ports)
         self.state_file.write_text(json.dumps(asdict(state)))
         try:
             self._wait_ready(state)
@@ -182,17 +226,37 @@ class LocalBroker:
         )
         return port, controller
 
-    def _write_configs(self, port: int, controller_port: int) -> Path:
+    def _extra_ports(self) -> dict[str, int]:
+        previous = self._read_state()
+        kept = previous.listeners if previous else {}
+        return {
+            x.name.upper(): x.port or kept.get(x.name.upper()) or free_port(self.settings.host)
+            for x in self.extra_listeners
+        }
+
+    def _write_configs(
+        self, port: int, controller_port: int, extra_ports: Mapping[str, int]
+    ) -> Path:
         host = self.settings.host
         max_bytes = self.topics.max_message_bytes
+        extra = [
+            (x.name.upper(), x.security_protocol, extra_ports[x.name.upper()])
+            for x in self.extra_listeners
+        ]
+        client_listeners = ",".join(
+            [f"PLAINTEXT://{host}:{port}", *(f"{name}://{host}:{p}" for name, _, p in extra)]
+        )
+        protocol_map = ",".join(
+            ["PLAINTEXT:PLAINTEXT", "CONTROLLER:PLAINTEXT", *(f"{n}:{sp}" for n, sp, _ in extra)]
+        )
         props = {
             "process.roles": "broker,controller",
             "node.id": "1",
             "controller.quorum.voters": f"1@{host}:{controller_port}",
-            "listeners": f"PLAINTEXT://{host}:{port},CONTROLLER://{host}:{controller_port}",
-            "advertised.listeners": f"PLAINTEXT://{host}:{port}",
+            "listeners": f"{client_listeners},CONTROLLER://{host}:{controller_port}",
+            "advertised.listeners": client_listeners,
             "controller.listener.names": "CONTROLLER",
-            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "listener.security.protocol.map": protocol_map,
             "inter.broker.listener.name": "PLAINTEXT",
             "log.dirs": str(self.data_dir),
             "num.partitions": "1",
@@ -209,9 +273,10 @@ class LocalBroker:
             "replica.fetch.max.bytes": str(max_bytes),
             "socket.request.max.bytes": str(max(100 * MIB, 2 * max_bytes)),
             "log.retention.hours": "24",
+            **self.extra_properties,
         }
         config = self.workdir / "server.properties"
-        config.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+        config.write_text("".join(f"{k}={_escape(v)}\n" for k, v in props.items()))
         (self.workdir / "log4j2.properties").write_text(_LOG4J2)
         return config
 
@@ -228,8 +293,9 @@ class LocalBroker:
             raise BrokerError(
                 "kafka.tools.StorageTool random-uuid printed nothing; is the jar cache complete?"
             )
+        command = [*base, "format", "-t", cluster_id[-1], "-c", str(config), "--ignore-formatted"]
         proc = subprocess.run(
-            [*base, "format", "-t", cluster_id[-1], "-c", str(config), "--ignore-formatted"],
+            [*command, *self.format_args],
             capture_output=True,
             text=True,
             check=False,
@@ -287,9 +353,17 @@ class LocalBroker:
         self._reap()
 
     def _wait_gone(self, pid: int, timeout: float) -> bool:
+        if self._proc is not None and self._proc.pid == pid:
+            # Our own child: wait for it. /proc shows the JVM's leader as a zombie while its
+            # other threads still exit, and waitpid cannot reap it until they have.
+            try:
+                self._proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                return False
+            self._proc = None
+            return True
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            self._reap()
             if not is_alive(pid):
                 return True
             time.sleep(0.1)
@@ -303,6 +377,11 @@ class LocalBroker:
         """Stop and delete the work directory (ephemeral brokers of a test session)."""
         self.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _escape(value: str) -> str:
+    """A value as a Java properties file reads it back: backslashes are escapes there."""
+    return value.replace("\\", "\\\\").replace("\n", "\\n")
 
 
 async def answers_metadata(bootstrap: str, timeout_s: float = 3.0) -> bool:

@@ -45,7 +45,7 @@ def start_service(bootstrap: str, log_dir: Path, **settings: object) -> Iterator
     asyncio.run(ensure_topics(bootstrap, topics, extra={unserved: 1}))
     service = ConsumerProcess(bootstrap, topics, log_dir / "svd-consumer.log", **settings).start()
     try:
-        asyncio.run(service.wait_ready())
+        asyncio.run(service.answer_probe())
         yield ServedTopics(bootstrap, topics, unserved)
     finally:
         code = service.stop()

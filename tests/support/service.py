@@ -83,11 +83,16 @@ class ServiceProcess:
         self.wait_for_log(r"INFO consumer\.service: assigned \[", timeout)
 
     def stop(self, timeout: float = 60.0) -> int:
-        """SIGTERM and wait: the graceful path (drain, commit, close)."""
+        """SIGTERM and wait: the graceful path (drain, commit, close); SIGKILL if it hangs."""
         assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(30)
+            raise
 
     def kill(self) -> None:
         """SIGKILL: no drain, no commit; workers die with their parent."""
@@ -101,7 +106,4 @@ class ServiceProcess:
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            try:
-                self.stop(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.kill()
+            self.stop(timeout=60)
