@@ -53,6 +53,9 @@ def load_settings(args: argparse.Namespace) -> ConsumerSettings:
 
 
 async def serve(settings: ConsumerSettings) -> int:
+    from aiokafka.errors import KafkaConnectionError
+
+    from consumer.security import connect_failure_reason
     from consumer.service import SvdService  # imports numpy/scipy/aiokafka: only when running
 
     service = SvdService(settings)
@@ -61,6 +64,15 @@ async def serve(settings: ConsumerSettings) -> int:
         loop.add_signal_handler(sig, service.request_stop)
     try:
         await service.run()
+    except KafkaConnectionError as exc:  # before RuntimeError: aiokafka's errors derive from it
+        # No bootstrap server took us: wrong credentials, certificates or address. Retrying
+        # would not fix that and would hammer the broker; say why once and exit.
+        reason = await connect_failure_reason(settings.bootstrap_servers, settings.kafka_security())
+        log.critical(
+            "cannot connect to Kafka at %s over %s: %s; exiting without retrying",
+            settings.bootstrap_servers, settings.describe_security(), reason or exc,
+        )  # fmt: skip
+        return 1
     except RuntimeError as exc:
         log.critical("%s", exc)
         return 1

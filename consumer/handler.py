@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from consumer.compute import output_shapes
@@ -21,6 +22,7 @@ from consumer.metrics import Metrics
 from consumer.offsets import PartitionLedger
 from consumer.publisher import Publisher, PublishRejected
 from consumer.settings import ConsumerSettings
+from consumer.transactions import NotDelivered, TransactionalOutbox
 from consumer.work import ComputeFailed, Computer
 from schemas import codec
 from schemas.errors import ContractError, ErrorCode, SvdServiceError
@@ -109,15 +111,25 @@ class RequestHandler:
         computer: Computer,
         publisher: Publisher,
         metrics: Metrics,
+        outbox: TransactionalOutbox | None = None,
     ) -> None:
         self._settings = settings
         self._computer = computer
         self._publisher = publisher
         self._metrics = metrics
+        self._outbox = outbox  # set in exactly_once mode
         self._host = socket.gethostname()
 
     async def handle(self, prepared: Prepared, ledger: PartitionLedger) -> None:
         answer = await self._answer(prepared)
+        if self._outbox is not None:
+            await self._deliver_in_transaction(prepared, ledger, answer, self._outbox)
+        else:
+            await self._deliver(prepared, ledger, answer)
+        self._metrics.latency.observe(max(0.0, time.time() - prepared.created_at))
+
+    async def _deliver(self, prepared: Prepared, ledger: PartitionLedger, answer: Answer) -> None:
+        """At-least-once: publish (retried until acknowledged), then mark the offset done."""
         try:
             await self._publish(prepared, answer)
         except PublishRejected as exc:
@@ -133,15 +145,40 @@ class RequestHandler:
                     exc, extra=prepared.context,
                 )  # fmt: skip
         ledger.finish(prepared.record.offset)
-        self._metrics.latency.observe(max(0.0, time.time() - prepared.created_at))
+
+    async def _deliver_in_transaction(
+        self,
+        prepared: Prepared,
+        ledger: PartitionLedger,
+        answer: Answer,
+        outbox: TransactionalOutbox,
+    ) -> None:
+        """Exactly-once: the answer and the offset past it commit in one transaction."""
+        record = prepared.record
+        limit = self._settings.max_message_bytes
+        # A message the broker refuses would abort the whole transaction: check sizes first.
+        # Dead letters are copies of records the broker already took.
+        if any(len(m.value) > limit for t, m in answer if t != self._settings.dlq_topic):
+            err = SvdServiceError(ErrorCode.LIMIT_EXCEEDED, f"the result exceeds {limit} bytes")
+            answer = self._failure(prepared, err, attempts=1)
+        tp = TopicPartition(record.topic, record.partition)
+        try:
+            await outbox.deliver(tp, ledger, record.offset, answer)
+        except NotDelivered as exc:
+            log.info(
+                "answer not committed (%s); the partition's owner answers it",
+                exc,
+                extra=prepared.context,
+            )
 
     async def _publish(self, prepared: Prepared, answer: Answer) -> None:
         for topic, message in answer:
             await self._publisher.publish(topic, message, context=prepared.context)
 
     async def _answer(self, prepared: Prepared) -> Answer:
+        # attempts counts compute attempts: 0 for a record refused before compute (wire contract).
         if prepared.rejection is not None:
-            return self._failure(prepared, prepared.rejection, attempts=1)
+            return self._failure(prepared, prepared.rejection, attempts=0)
         request = prepared.request
         assert request is not None
         deadline_ms = request.meta.deadline_ms
@@ -150,7 +187,7 @@ class RequestHandler:
             err = SvdServiceError(
                 ErrorCode.EXPIRED, f"deadline {deadline_ms} ms passed before compute"
             )
-            return self._failure(prepared, err, attempts=1)
+            return self._failure(prepared, err, attempts=0)
         try:
             message = await self._computer.compute(prepared, self._host)
         except ComputeFailed as failed:

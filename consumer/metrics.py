@@ -1,12 +1,15 @@
 """The service's Prometheus metrics, in its own registry, updated in the parent process only.
 
 Pool workers never touch these: the parent records what they did from the lifecycle hooks
-(admitted, computed, answered, worker started or exited).
+(admitted, computed, answered, worker started or exited). This module is the one list of the
+service's metric names: the Grafana dashboard and the tests check their queries against it
+(``exposed_names``). docs/operations.md says what each one means.
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (
     0.001,
@@ -90,3 +93,37 @@ class Metrics:
         self.assigned_partitions = Gauge(
             "svd_assigned_partitions", "Partitions owned by this member", registry=r
         )
+        # Lag, read by consumer/lag.py every lag_interval_s for the partitions this member owns.
+        self.lag = Gauge(
+            "svd_consumer_lag_messages",
+            "High watermark minus committed offset, per owned partition",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.lag_seconds = Gauge(
+            "svd_consumer_lag_seconds",
+            "Estimated compute seconds to clear this member's lag: "
+            "lag messages x recent mean compute seconds / pool size",
+            registry=r,
+        )
+        self.ready = Gauge("svd_ready", "1 when /readyz answers 200", registry=r)
+
+
+# Sample suffixes each metric type adds to its family name in the text exposition.
+_SUFFIXES = {
+    "counter": ("_total", "_created"),
+    "histogram": ("_bucket", "_count", "_sum", "_created"),
+    "gauge": ("",),
+}
+
+
+def exposed_names(registry: Collector) -> set[str]:
+    """Every series name the registry can expose, including labelled metrics with no child yet.
+
+    Scraping alone would miss those (``svd_requests_failed_total`` appears only after the first
+    failure); the dashboard test needs the full list.
+    """
+    names: set[str] = set()
+    for family in registry.collect():
+        names.update(family.name + suffix for suffix in _SUFFIXES.get(family.type, ("",)))
+    return names

@@ -14,6 +14,7 @@ the ledger it was admitted under, so a request that finishes after its partition
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Container
 from dataclasses import dataclass, field
 
 from aiokafka import TopicPartition
@@ -39,6 +40,15 @@ class PartitionLedger:
         self._done.add(offset)
         while self._pending and self._pending[0] in self._done:
             self._done.discard(self._pending.popleft())
+
+    def ready_prefix(self, ready: Container[int]) -> list[int]:
+        """The oldest pending offsets, in order, as long as each is in ``ready``."""
+        prefix: list[int] = []
+        for offset in self._pending:
+            if offset not in ready:
+                break
+            prefix.append(offset)
+        return prefix
 
     @property
     def in_flight(self) -> int:

@@ -20,18 +20,28 @@ from aiokafka.structs import ConsumerRecord
 from consumer.cpu import available_cpus, blas_threads_per_worker
 from consumer.flow import Budget, InFlight
 from consumer.handler import Prepared, RequestHandler, limits_from, prepare
+from consumer.http import MetricsServer
+from consumer.lag import BrokerContact, LagMonitor
 from consumer.metrics import Metrics
 from consumer.offsets import OffsetTracker, PartitionLedger
 from consumer.pool import WorkerPool
 from consumer.publisher import Publisher
 from consumer.settings import ConsumerSettings
 from consumer.tasks import TaskSet
+from consumer.transactions import TransactionalOutbox
 from consumer.work import Computer
 
 log = logging.getLogger(__name__)
 
 # JSON bodies above this size are decoded in a thread so the loop keeps heartbeating and fetching.
 _DECODE_IN_THREAD_BYTES = 1 << 20
+
+# The producer's own size check. Not SVD_MAX_MESSAGE_BYTES: a dead letter is a verbatim copy of a
+# record the broker accepted, which can be larger than that limit (it is then rejected as
+# MESSAGE_TOO_LARGE and must still be dead-lettered). Results are already bounded by the decode
+# limits, and the broker enforces each topic's max.message.bytes with a clean error; this only
+# stays under its default socket.request.max.bytes (100 MiB), above which it drops the connection.
+_PUBLISH_CEILING_BYTES = 100 << 20
 
 
 @dataclass(frozen=True)
@@ -51,7 +61,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         await self._service.on_revoked(set(revoked))
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        self._service.on_assigned(set(assigned))
+        await self._service.on_assigned(set(assigned))
 
 
 class SvdService:
@@ -71,6 +81,11 @@ class SvdService:
         self.offsets = OffsetTracker()
         self.paused = False
         self.ready = asyncio.Event()  # joined the group with the pool up
+        self.broker = BrokerContact(settings.ready_broker_window_s)
+        self._joined = False  # holds an assignment (possibly empty) from the group
+        self._http: MetricsServer | None = None
+        self._outbox: TransactionalOutbox | None = None
+        self._lag: LagMonitor | None = None
         self._limits = limits_from(settings)
         self._stopping = asyncio.Event()
         self._hard_stop = asyncio.Event()
@@ -91,6 +106,11 @@ class SvdService:
         if self._stopping.is_set():
             log.warning("second stop signal: abandoning the drain")
             self._hard_stop.set()
+        self._stopping.set()
+
+    def _fenced(self, tp: TopicPartition) -> None:
+        """Another instance took over with our transactional id: stop, never write twice."""
+        log.critical("fenced on %s-%d: stopping this instance", tp.topic, tp.partition)
         self._stopping.set()
 
     def _fatal(self, exc: BaseException | None, name: str) -> None:
@@ -115,6 +135,12 @@ class SvdService:
     async def _start(self) -> None:
         s = self.settings
         m = self.metrics
+        if s.metrics_port != 0:  # first, so /healthz answers while the pool starts
+            self._http = MetricsServer(
+                m.registry, self.readiness, host=s.metrics_host, port=max(s.metrics_port, 0)
+            )
+            host, port = await self._http.start()
+            log.info("metrics on http://%s:%d (/metrics, /healthz, /readyz)", host, port)
         self.pool = WorkerPool(
             self.pool_size,
             self.blas_threads,
@@ -123,6 +149,9 @@ class SvdService:
         )
         await self.pool.start()
         m.pool_size.set(self.pool_size)
+        # Read at scrape time, in this process: no hook needed on every dispatch.
+        m.workers_busy.set_function(lambda: self.pool.workers_alive - self.pool.idle_workers)
+        m.ready.set_function(lambda: float(all(self.readiness().values())))
         m.inflight_requests_limit.set(self.inflight.budget.max_requests)
         m.inflight_bytes_limit.set(self.inflight.budget.max_bytes)
         security = s.kafka_security()
@@ -131,11 +160,27 @@ class SvdService:
             client_id=f"{s.instance_id}-producer",
             acks="all",
             enable_idempotence=True,
-            max_request_size=s.max_message_bytes,
+            max_request_size=max(s.max_message_bytes, _PUBLISH_CEILING_BYTES),
             linger_ms=2,
             **security,
         )
         await self._producer.start()
+        if s.processing_guarantee == "exactly_once":
+            self._outbox = TransactionalOutbox(
+                s.group_id,
+                s.transactional_id_prefix or s.group_id,
+                lambda txn_id: AIOKafkaProducer(
+                    bootstrap_servers=s.bootstrap_servers,
+                    client_id=f"{s.instance_id}-{txn_id}",
+                    transactional_id=txn_id,
+                    enable_idempotence=True,
+                    acks="all",
+                    max_request_size=max(s.max_message_bytes, _PUBLISH_CEILING_BYTES),
+                    linger_ms=2,
+                    **security,
+                ),
+                on_fenced=self._fenced,
+            )
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=s.bootstrap_servers,
             client_id=s.instance_id,
@@ -147,16 +192,24 @@ class SvdService:
             heartbeat_interval_ms=int(s.heartbeat_interval_s * 1000),
             fetch_max_bytes=s.fetch_max_bytes,
             max_partition_fetch_bytes=s.max_message_bytes,
+            # exactly_once: never read a request from an aborted transaction either.
+            isolation_level="read_committed" if self._outbox else "read_uncommitted",
             **security,
         )
         self._consumer.subscribe([s.requests_topic], listener=_Rebalance(self))
         await self._consumer.start()
+        self.broker.ok()
         publisher = Publisher(self._producer, on_retry=m.publish_retries.inc)
         computer = Computer(s, self.pool, m)
-        self._handler = RequestHandler(s, computer, publisher, m)
+        self._handler = RequestHandler(s, computer, publisher, m, self._outbox)
         self._background.spawn(
             self._commit_every(s.commit_interval_s), name="committer", critical=True
         )
+        self._lag = LagMonitor(
+            self._consumer, self.offsets, m, self.broker,
+            pool_size=self.pool_size, timeout_s=s.ready_broker_window_s / 2,
+        )  # fmt: skip
+        self._background.spawn(self._lag.run(s.lag_interval_s), name="lag", critical=True)
         log.info(
             "consuming %s as %s in group %s: pool %d x %d BLAS threads, in-flight %d requests / %d MiB",
             s.requests_topic, s.instance_id, s.group_id, self.pool_size, self.blas_threads,
@@ -263,7 +316,10 @@ class SvdService:
         self.metrics.inflight_bytes.set(self.inflight.bytes)
 
     # -- rebalances ----------------------------------------------------------------------------
-    def on_assigned(self, assigned: set[TopicPartition]) -> None:
+    async def on_assigned(self, assigned: set[TopicPartition]) -> None:
+        if self._outbox is not None:
+            await self._outbox.open(assigned)  # fences the previous owner of each partition
+        self._joined = True
         # Pause flags do not survive a rebalance: re-apply ours to what we were given.
         if self.paused or self._stopping.is_set():
             self._consumer.pause(*assigned)
@@ -273,6 +329,7 @@ class SvdService:
 
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
         """Start nothing new for ``revoked``; wait (bounded) for its answers, commit, let go."""
+        self._joined = False  # until the rebalance assigns again
         if not self._closing:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + min(
@@ -282,12 +339,19 @@ class SvdService:
                 self.offsets.ledger(tp).in_flight for tp in revoked if tp in self.offsets.owned()
             ):
                 await self.inflight.wait_for_release(max(0.0, deadline - loop.time()))
-        await self._commit(revoked)
+        if self._outbox is not None:
+            await self._outbox.close(revoked)
+        else:
+            await self._commit(revoked)
         self.offsets.revoke(revoked)
+        if self._lag is not None:
+            self._lag.forget(revoked)
         log.info("revoked %s", sorted(f"{tp.topic}-{tp.partition}" for tp in revoked))
 
     # -- commits -------------------------------------------------------------------------------
     async def _commit(self, tps: set[TopicPartition] | None = None) -> None:
+        if self._outbox is not None:
+            return  # exactly_once: offsets are committed inside each answer's transaction
         offsets = self.offsets.to_commit(tps)
         if not offsets:
             return
@@ -296,6 +360,7 @@ class SvdService:
         except KafkaError as exc:
             log.warning("commit of %s failed (%r); the next commit retries", offsets, exc)
             return
+        self.broker.ok()
         self.offsets.committed(offsets)
 
     async def _commit_every(self, interval_s: float) -> None:
@@ -316,7 +381,13 @@ class SvdService:
         if hasattr(self, "_consumer"):
             await self._commit()
         cancelled = await self._requests.cancel_all()
-        for closer in (self._close_consumer, self._close_producer, self._close_pool):
+        for closer in (
+            self._close_outbox,
+            self._close_consumer,
+            self._close_producer,
+            self._close_pool,
+            self._close_http,
+        ):
             try:
                 await closer()
             except Exception:
@@ -334,6 +405,10 @@ class SvdService:
         )  # fmt: skip
         return summary
 
+    async def _close_outbox(self) -> None:
+        if self._outbox is not None:
+            await self._outbox.close_all()
+
     async def _close_consumer(self) -> None:
         if hasattr(self, "_consumer"):
             await self._consumer.stop()
@@ -345,3 +420,24 @@ class SvdService:
     async def _close_pool(self) -> None:
         if hasattr(self, "pool"):
             await self.pool.close(timeout=5.0)
+
+    async def _close_http(self) -> None:  # last: scrapes and probes see the drain to its end
+        if self._http is not None:
+            await self._http.close()
+
+    # -- readiness -----------------------------------------------------------------------------
+    def readiness(self) -> dict[str, bool]:
+        """/readyz's checks by name; ready when all pass (docs/operations.md).
+
+        ``group``: holds an assignment from the group, even an empty one: a spare member in a
+        group with more members than partitions is ready, it takes partitions over at the next
+        rebalance. False from a revocation to the next assignment (a rebalance). ``pool``: a
+        worker is up. ``broker``: a broker call succeeded within ready_broker_window_s.
+        ``running``: not draining for a stop.
+        """
+        return {
+            "group": self._joined,
+            "pool": hasattr(self, "pool") and self.pool.workers_alive > 0,
+            "broker": self.broker.reachable(),
+            "running": not self._stopping.is_set(),
+        }

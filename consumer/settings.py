@@ -8,13 +8,45 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, FilePath, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIB = 1024 * 1024
+_SECRETS_FROM_FILES = ("sasl_password", "ssl_key_password")
+
+
+def _read_secret_files(data: Any) -> Any:
+    """``<secret>_file`` -> ``<secret>``; errors name the setting and the path, never content."""
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    for name in _SECRETS_FROM_FILES:
+        path = data.get(f"{name}_file")
+        if not path:
+            continue
+        try:
+            secret = Path(path).read_text(encoding="utf-8").rstrip("\r\n")  # `echo` adds one
+        except (OSError, UnicodeError) as exc:
+            raise ValueError(f"{name}_file {path}: cannot read it ({type(exc).__name__})") from None
+        if not secret:
+            raise ValueError(f"{name}_file {path} is empty")
+        given = data.get(name)
+        if isinstance(given, SecretStr):
+            given = given.get_secret_value()
+        # The same value twice is a settings object rebuilt from its own model_dump().
+        if given and given != secret:
+            raise ValueError(f"set {name} or {name}_file, not both")
+        data[name] = secret
+    return data
+
+
+def _no_key_password() -> str:
+    # Without a password callback OpenSSL would prompt on the terminal for an encrypted key.
+    raise ValueError("ssl_keyfile is encrypted: set ssl_key_password or ssl_key_password_file")
 
 
 def _default_instance_id() -> str:
@@ -22,7 +54,10 @@ def _default_instance_id() -> str:
 
 
 class ConsumerSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SVD_", frozen=True, extra="ignore")
+    # hide_input_in_errors: a validation error would otherwise print every input, passwords too.
+    model_config = SettingsConfigDict(
+        env_prefix="SVD_", frozen=True, extra="ignore", hide_input_in_errors=True
+    )
 
     # Kafka
     bootstrap_servers: str = "127.0.0.1:9092"
@@ -37,16 +72,25 @@ class ConsumerSettings(BaseSettings):
     fetch_max_bytes: int = Field(default=64 * MIB, ge=MIB)
     max_message_bytes: int = Field(default=64 * MIB, ge=MIB)
     commit_interval_s: float = Field(default=1.0, gt=0)
+    processing_guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
+    transactional_id_prefix: str | None = Field(
+        default=None, description="exactly_once: prefix of the per-partition transactional ids"
+    )
     poll_timeout_s: float = Field(default=0.1, gt=0)
 
-    # Security ([security] fills these in; PLAINTEXT by default)
+    # Security (docs/security.md). Secrets are SecretStr: masked in repr, logs and
+    # `svd-consumer settings`; each can come from a file instead (`*_file`: Docker and Kubernetes
+    # secrets), read once here.
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
-    ssl_cafile: Path | None = None
-    ssl_certfile: Path | None = None
-    ssl_keyfile: Path | None = None
+    sasl_password_file: FilePath | None = None
+    ssl_cafile: FilePath | None = Field(default=None, description="default: the system's CAs")
+    ssl_certfile: FilePath | None = Field(default=None, description="client certificate (mTLS)")
+    ssl_keyfile: FilePath | None = Field(default=None, description="default: in ssl_certfile")
+    ssl_key_password: SecretStr | None = Field(default=None, description="for an encrypted key")
+    ssl_key_password_file: FilePath | None = None
 
     # Work
     pool_size: int | None = Field(default=None, ge=1, description="default: CPUs we may use")
@@ -67,7 +111,21 @@ class ConsumerSettings(BaseSettings):
 
     # Operations
     metrics_host: str = "127.0.0.1"
-    metrics_port: int = Field(default=9400, ge=0, le=65535, description="0 disables the server")
+    metrics_port: int = Field(
+        default=9400,
+        ge=-1,
+        le=65535,
+        description="/metrics, /healthz, /readyz; 0 disables the server, -1 binds a free port "
+        "(the log line 'metrics on http://HOST:PORT' names it)",
+    )
+    lag_interval_s: float = Field(
+        default=5.0, gt=0, description="how often partition lag is read from the broker"
+    )
+    ready_broker_window_s: float = Field(
+        default=20.0,
+        gt=0,
+        description="/readyz fails once no broker call (lag read, commit) succeeded for this long",
+    )
     log_level: str = "INFO"
     log_json: bool = False
     enable_test_faults: bool = Field(
@@ -78,24 +136,82 @@ class ConsumerSettings(BaseSettings):
     def _check(self) -> ConsumerSettings:
         if self.heartbeat_interval_s >= self.session_timeout_s:
             raise ValueError("heartbeat_interval_s must be below session_timeout_s")
+        if self.ready_broker_window_s <= self.lag_interval_s:
+            # An idle member talks to the broker only at each lag read: a shorter window flaps.
+            raise ValueError("ready_broker_window_s must be above lag_interval_s")
         return self
+
+    # -- security ------------------------------------------------------------------------------
+    @model_validator(mode="before")
+    @classmethod
+    def _secrets_from_files(cls, data: Any) -> Any:
+        return _read_secret_files(data)
+
+    @model_validator(mode="after")
+    def _check_security(self) -> ConsumerSettings:
+        # Settings that would be silently ignored are refused: a CA file with PLAINTEXT reads
+        # as "encrypted" to whoever wrote it, and is not.
+        sasl = self.security_protocol in ("SASL_PLAINTEXT", "SASL_SSL")
+        tls = self.security_protocol in ("SSL", "SASL_SSL")
+        if sasl and not (self.sasl_mechanism and self.sasl_username and self.sasl_password):
+            raise ValueError(
+                f"security_protocol {self.security_protocol} needs sasl_mechanism, sasl_username "
+                "and sasl_password (or sasl_password_file)"
+            )
+        if not sasl and (self.sasl_mechanism or self.sasl_username or self.sasl_password):
+            raise ValueError(
+                f"sasl_* settings are set but security_protocol is {self.security_protocol}; "
+                "use SASL_SSL or SASL_PLAINTEXT"
+            )
+        ssl_files = (self.ssl_cafile, self.ssl_certfile, self.ssl_keyfile, self.ssl_key_password)
+        if not tls and any(ssl_files):
+            raise ValueError(
+                f"ssl_* settings are set but security_protocol is {self.security_protocol}; "
+                "use SSL or SASL_SSL"
+            )
+        if (self.ssl_keyfile or self.ssl_key_password) and not self.ssl_certfile:
+            raise ValueError("ssl_keyfile and ssl_key_password need ssl_certfile")
+        if tls:
+            self.ssl_context()  # unreadable files and a wrong key password fail here, at start
+        return self
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """Verifies the broker's certificate and host name; presents ours when one is set."""
+        from aiokafka.helpers import create_ssl_context
+
+        password = self.ssl_key_password
+        try:
+            context: ssl.SSLContext = create_ssl_context(
+                cafile=self.ssl_cafile,
+                certfile=self.ssl_certfile,
+                keyfile=self.ssl_keyfile,
+                password=password.get_secret_value() if password else _no_key_password,
+            )
+        except ssl.SSLError as exc:
+            raise ValueError(
+                f"cannot load ssl_cafile, ssl_certfile or ssl_keyfile ({exc.reason or exc}); "
+                "a wrong ssl_key_password reads as a bad key"
+            ) from None
+        return context
+
+    def describe_security(self) -> str:
+        """How this service authenticates, for logs and errors: never a secret."""
+        if self.sasl_mechanism:
+            how = f"{self.security_protocol} {self.sasl_mechanism} as user {self.sasl_username!r}"
+        else:
+            how = self.security_protocol
+        if self.ssl_certfile:
+            how += f" with client certificate {self.ssl_certfile}"
+        return how
 
     # -- aiokafka units ------------------------------------------------------------------------
     def kafka_security(self) -> dict[str, object]:
-        """Keyword arguments shared by the consumer and the producer."""
+        """Keyword arguments shared by the consumer, the producer and admin clients."""
         out: dict[str, object] = {"security_protocol": self.security_protocol}
-        if self.sasl_mechanism:
+        if self.sasl_mechanism and self.sasl_password:
             out["sasl_mechanism"] = self.sasl_mechanism
             out["sasl_plain_username"] = self.sasl_username
-            out["sasl_plain_password"] = (
-                self.sasl_password.get_secret_value() if self.sasl_password else None
-            )
+            out["sasl_plain_password"] = self.sasl_password.get_secret_value()
         if self.security_protocol in ("SSL", "SASL_SSL"):
-            from aiokafka.helpers import create_ssl_context
-
-            out["ssl_context"] = create_ssl_context(
-                cafile=str(self.ssl_cafile) if self.ssl_cafile else None,
-                certfile=str(self.ssl_certfile) if self.ssl_certfile else None,
-                keyfile=str(self.ssl_keyfile) if self.ssl_keyfile else None,
-            )
+            out["ssl_context"] = self.ssl_context()
         return out

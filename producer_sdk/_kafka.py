@@ -94,6 +94,9 @@ class TopicReader:
             fetch_max_bytes=settings.fetch_max_bytes,
             max_partition_fetch_bytes=settings.fetch_max_bytes,
             metadata_max_age_ms=round(settings.metadata_max_age_s * 1000),
+            # Answers of an exactly_once service become visible when their transaction commits;
+            # plain (at-least-once) answers are visible at once either way.
+            isolation_level="read_committed",
             **settings.kafka_security(),
         )
         self._partitions: set[int] = set()

@@ -104,6 +104,7 @@ class ResultsListener:
                 auto_offset_reset="earliest" if self.from_beginning else "latest",
                 fetch_max_bytes=s.fetch_max_bytes,
                 max_partition_fetch_bytes=s.fetch_max_bytes,
+                isolation_level="read_committed",  # see _kafka.TopicReader
                 **s.kafka_security(),
             )
             await self._group.start()

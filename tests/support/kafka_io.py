@@ -93,7 +93,9 @@ class Answers:
 class AnswerReader:
     """Reads the results and DLQ topics from the beginning; ``collect`` waits for ids with a deadline."""
 
-    def __init__(self, bootstrap: str, topics: TopicSettings) -> None:
+    def __init__(
+        self, bootstrap: str, topics: TopicSettings, *, isolation_level: str = "read_uncommitted"
+    ) -> None:
         self._consumer = AIOKafkaConsumer(
             topics.results,
             topics.dlq,
@@ -102,6 +104,7 @@ class AnswerReader:
             enable_auto_commit=False,
             fetch_max_bytes=64 * MIB,
             max_partition_fetch_bytes=64 * MIB,
+            isolation_level=isolation_level,
         )
         self._dlq = topics.dlq
         self.answers = Answers()

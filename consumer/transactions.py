@@ -1,0 +1,158 @@
+"""Exactly-once delivery: a partition's answers and its offset commit in one Kafka transaction.
+
+Fencing works per transactional id, and aiokafka's ``send_offsets_to_transaction`` predates
+KIP-447's group-generation fencing. So, as Kafka requires without KIP-447, each partition gets
+its own transactional producer whose ``transactional.id`` is derived from the group and the
+partition: stable across instances and restarts. A new owner of the partition initialises the
+same id, which fences the previous owner's producer: a zombie can never write again.
+
+Answers complete out of order, but a transaction may only commit an offset once everything
+before it is answered. So a partition's answers wait (still counted in the in-flight budget,
+which holds them anyway) until every earlier request of the partition is answered too; then
+one transaction publishes them all and commits the offset past them. Readers with
+``isolation_level="read_committed"`` see each answer exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.errors import InvalidProducerEpoch, KafkaError, ProducerFenced
+
+from consumer.offsets import PartitionLedger
+from schemas.codec import EncodedMessage
+
+log = logging.getLogger(__name__)
+
+Answer = list[tuple[str, EncodedMessage]]
+ProducerFactory = Callable[[str], AIOKafkaProducer]
+
+
+class NotDelivered(Exception):
+    """The partition was revoked or this instance fenced before the answer's transaction
+    committed. Nothing of it is visible to read_committed readers; the new owner answers it."""
+
+
+def transactional_id(prefix: str, tp: TopicPartition) -> str:
+    return f"{prefix}-{tp.topic}-{tp.partition}"
+
+
+@dataclass(eq=False)
+class _PartitionOutbox:
+    tp: TopicPartition
+    producer: AIOKafkaProducer
+    ledger: PartitionLedger | None = None
+    staged: dict[int, tuple[Answer, asyncio.Future[None]]] = field(default_factory=dict)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    closed: bool = False
+
+    def abandon(self, reason: str) -> None:
+        self.closed = True
+        for _, done in self.staged.values():
+            if not done.done():
+                done.set_exception(NotDelivered(reason))
+        self.staged.clear()
+
+
+class TransactionalOutbox:
+    def __init__(
+        self,
+        group_id: str,
+        id_prefix: str,
+        producer_factory: ProducerFactory,
+        *,
+        on_fenced: Callable[[TopicPartition], None],
+        backoff_s: float = 0.2,
+        max_backoff_s: float = 5.0,
+    ) -> None:
+        self._group_id = group_id
+        self._prefix = id_prefix
+        self._factory = producer_factory
+        self._on_fenced = on_fenced
+        self._backoff_s = backoff_s
+        self._max_backoff_s = max_backoff_s
+        self._partitions: dict[TopicPartition, _PartitionOutbox] = {}
+        self.transactions = 0
+
+    async def open(self, tps: set[TopicPartition]) -> None:
+        """Start a transactional producer per partition; this fences the previous owner's."""
+        for tp in tps - set(self._partitions):
+            producer = self._factory(transactional_id(self._prefix, tp))
+            await producer.start()
+            self._partitions[tp] = _PartitionOutbox(tp, producer)
+        log.info("transactional producers ready for %d partitions", len(tps))
+
+    async def close(self, tps: set[TopicPartition]) -> None:
+        """Let go of partitions: finish a running transaction, drop what is still staged."""
+        for tp in tps:
+            outbox = self._partitions.pop(tp, None)
+            if outbox is None:
+                continue
+            async with outbox.lock:
+                outbox.abandon(f"{tp.topic}-{tp.partition} was revoked before its transaction")
+            with contextlib.suppress(KafkaError):
+                await outbox.producer.stop()
+
+    async def close_all(self) -> None:
+        await self.close(set(self._partitions))
+
+    async def deliver(
+        self, tp: TopicPartition, ledger: PartitionLedger, offset: int, answer: Answer
+    ) -> None:
+        """Return once ``answer`` and the offset past it are committed; else ``NotDelivered``."""
+        outbox = self._partitions.get(tp)
+        if outbox is None or outbox.closed or ledger.revoked:
+            raise NotDelivered(f"{tp.topic}-{tp.partition} is not ours any more")
+        outbox.ledger = ledger
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        outbox.staged[offset] = (answer, done)
+        await self._flush(outbox)
+        await done
+
+    async def _flush(self, outbox: _PartitionOutbox) -> None:
+        async with outbox.lock:
+            delay = self._backoff_s
+            while not outbox.closed and outbox.ledger is not None:
+                batch = outbox.ledger.ready_prefix(outbox.staged)
+                if not batch:
+                    return
+                try:
+                    await self._commit(outbox, batch)
+                except (ProducerFenced, InvalidProducerEpoch):
+                    log.critical(
+                        "fenced on %s-%d: another instance owns it now; this one stops writing",
+                        outbox.tp.topic, outbox.tp.partition,
+                    )  # fmt: skip
+                    outbox.abandon("this instance was fenced")
+                    self._on_fenced(outbox.tp)
+                    return
+                except KafkaError as exc:
+                    log.warning(
+                        "transaction on %s-%d failed (%r); retrying in %.1fs",
+                        outbox.tp.topic, outbox.tp.partition, exc, delay,
+                    )  # fmt: skip
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self._max_backoff_s)
+                    continue
+                for offset in batch:
+                    outbox.ledger.finish(offset)
+                    _, done = outbox.staged.pop(offset)
+                    if not done.done():
+                        done.set_result(None)
+
+    async def _commit(self, outbox: _PartitionOutbox, batch: list[int]) -> None:
+        producer = outbox.producer
+        async with producer.transaction():
+            for offset in batch:
+                answer, _ = outbox.staged[offset]
+                for topic, message in answer:
+                    await producer.send(
+                        topic, message.value, key=message.key, headers=message.headers
+                    )
+            await producer.send_offsets_to_transaction({outbox.tp: batch[-1] + 1}, self._group_id)
+        self.transactions += 1
