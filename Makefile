@@ -1,5 +1,5 @@
 # Common tasks. `make run` and `make test` set everything up on a fresh machine first.
-.PHONY: setup run test unit integration faults lint typecheck bench broker-up broker-down clean
+.PHONY: setup test-setup run test unit integration faults lint typecheck bench broker-up broker-down clean
 
 VENV := .venv
 BIN := $(VENV)/bin
@@ -7,16 +7,22 @@ BIN := $(VENV)/bin
 setup:
 	@scripts/bootstrap.sh
 
+# Debian packages only the tests need: prometheus (a real Prometheus server, and promtool).
+TEST_PACKAGES := prometheus
+
+test-setup:
+	@scripts/bootstrap.sh $(TEST_PACKAGES)
+
 run: setup
 	$(BIN)/python -m demo
 
-test: setup
+test: test-setup
 	$(BIN)/pytest
 
-unit: setup
+unit: test-setup
 	$(BIN)/pytest tests/unit
 
-integration: setup
+integration: test-setup
 	$(BIN)/pytest tests/integration
 
 faults: setup
@@ -30,8 +36,12 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
-bench: setup
-	$(BIN)/python -m bench
+# The benchmark also runs the Celery + Redis peer: redis-server from Debian, celery from PyPI.
+# Pass flags with BENCH_ARGS, e.g. `make bench BENCH_ARGS=--quick`.
+bench:
+	@scripts/bootstrap.sh redis-server
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 broker-up: setup
 	$(BIN)/svd-broker up

@@ -79,6 +79,8 @@ class SvdService:
             )
         )
         self.offsets = OffsetTracker()
+        # Fetched records that did not fit the budget yet, per partition in offset order.
+        self._held: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]] = {}
         self.paused = False
         self.ready = asyncio.Event()  # joined the group with the pool up
         self.broker = BrokerContact(settings.ready_broker_window_s)
@@ -221,11 +223,33 @@ class SvdService:
         while not self._stopping.is_set():
             if self.paused:
                 await self._wait_for_room()
+            if self._held and not self.paused:
+                await self._admit_held()  # before anything newer, so offsets begin in order
+                continue
             batch = await self._consumer.getmany(timeout_ms=poll_ms)
             if batch:
                 await self._admit_batch(batch)
             if not self.ready.is_set() and self._consumer.assignment():
                 self.ready.set()
+
+    async def _admit_held(self) -> None:
+        """Admit the records fetched earlier that did not fit, before fetching more.
+
+        They are kept here rather than handed back to Kafka with a seek: a seek or a pause
+        makes aiokafka drop what it has fetched ahead, to be fetched, CRC-checked and skipped
+        through again, and at 32x32 those re-fetches took most of the loop's time
+        (docs/performance.md). Under a steady load a release comes within milliseconds; when
+        none comes within a poll timeout the service is saturated and pauses, as before (and
+        the paused getmany keeps the member in its group).
+        """
+        held, self._held = self._held, {}
+        await self._admit_batch(held)
+        if not self._held:
+            return
+        before = self.inflight.requests
+        await self.inflight.wait_for_release(self.settings.poll_timeout_s)
+        if self.inflight.requests >= before:
+            self._pause()
 
     async def _wait_for_room(self) -> None:
         # getmany must still be called while paused, or the member leaves its group once
@@ -240,16 +264,15 @@ class SvdService:
     ) -> None:
         full = False
         for tp, records in batch.items():
-            for record in records:
+            for index, record in enumerate(records):
                 if not full and await self._admit(tp, record):
                     continue
-                # No room: hand this record and the rest of the partition back to Kafka.
+                # No room: hold this record and the rest of the partition, in order, for
+                # _admit_held (no seek: see there).
                 full = True
                 if tp in self._consumer.assignment():
-                    self._consumer.seek(tp, record.offset)
+                    self._held[tp] = records[index:]
                 break
-        if full:
-            self._pause()
 
     async def _admit(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> bool:
         """Start work on ``record`` if the budget has room; False hands it back."""
@@ -330,6 +353,9 @@ class SvdService:
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
         """Start nothing new for ``revoked``; wait (bounded) for its answers, commit, let go."""
         self._joined = False  # until the rebalance assigns again
+        for tp in revoked:
+            # Never begun, so never committed past: the next owner reads them again.
+            self._held.pop(tp, None)
         if not self._closing:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + min(

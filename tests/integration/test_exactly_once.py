@@ -15,17 +15,25 @@ from tests.support.service import ServiceProcess
 
 pytestmark = pytest.mark.kafka
 
-EOS = {"processing_guarantee": "exactly_once", "enable_test_faults": "true", "retry_backoff_s": 0.05}
+EOS = {
+    "processing_guarantee": "exactly_once",
+    "enable_test_faults": "true",
+    "retry_backoff_s": 0.05,
+}
 
 
-def _requests(count: int, seed: int, size: int = 120) -> tuple[set[str], list[codec.EncodedMessage]]:
+def _requests(
+    count: int, seed: int, size: int = 120
+) -> tuple[set[str], list[codec.EncodedMessage]]:
     rng = np.random.default_rng(seed)
     ids, messages = set(), []
     for i in range(count):
         request_id, message = make_request(rng.standard_normal((size, size)))
         if i % 25 == 0:  # a worker SIGKILLed mid-task now and then: retried inside the mode
             message = codec.EncodedMessage(
-                key=message.key, value=message.value, headers=[*message.headers, (TEST_FAULT_HEADER, b"kill_once")]
+                key=message.key,
+                value=message.value,
+                headers=[*message.headers, (TEST_FAULT_HEADER, b"kill_once")],
             )
         ids.add(request_id)
         messages.append(message)
@@ -33,7 +41,10 @@ def _requests(count: int, seed: int, size: int = 120) -> tuple[set[str], list[co
 
 
 def _poison(count: int) -> list[tuple[bytes, bytes, list[tuple[str, bytes]]]]:
-    return [(f"poison-{i}".encode(), b"\x00garbage", [("content-type", b"application/json")]) for i in range(count)]
+    return [
+        (f"poison-{i}".encode(), b"\x00garbage", [("content-type", b"application/json")])
+        for i in range(count)
+    ]
 
 
 async def test_consumer_sigkill_mid_stream_gives_no_duplicates_to_read_committed_readers(
@@ -67,10 +78,14 @@ async def test_a_member_killed_during_a_rebalance_gives_no_duplicates(
     await produce(kafka_bootstrap, topics.requests, messages)
     settings = {**EOS, "pool_size": 1, "max_inflight": 4, "group_id": f"g-{topics.requests}"}
     async with AnswerReader(kafka_bootstrap, topics, isolation_level="read_committed") as reader:
-        with ServiceProcess(kafka_bootstrap, topics, tmp_path / "a.log", instance_id="a", **settings) as a:
+        with ServiceProcess(
+            kafka_bootstrap, topics, tmp_path / "a.log", instance_id="a", **settings
+        ) as a:
             while len(reader.answers.answered()) < 20:
                 await reader.poll()
-            b = ServiceProcess(kafka_bootstrap, topics, tmp_path / "b.log", instance_id="b", **settings).start()
+            b = ServiceProcess(
+                kafka_bootstrap, topics, tmp_path / "b.log", instance_id="b", **settings
+            ).start()
             b.wait_for_log("transactional producers ready")  # b joined and took partitions
             while len(reader.answers.answered()) < 60:
                 await reader.poll()

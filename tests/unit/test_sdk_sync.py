@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -65,8 +66,10 @@ def test_submit_returns_a_future_and_cancelling_it_abandons_the_request() -> Non
         assert client.stats().pending == 1
         held.cancel()
         tick = threading.Event()  # never set: wait() is a bounded pause between checks
-        for _ in range(200):  # the cancel crosses to the loop thread
-            if client.stats().pending == 0:
+        deadline = time.monotonic() + 10  # the cancel crosses to the loop thread
+        while time.monotonic() < deadline:
+            stats = client.stats()
+            if stats.pending == 0 and stats.abandoned == 1:
                 break
             tick.wait(0.01)
         assert client.stats().pending == 0 and client.stats().abandoned == 1

@@ -49,7 +49,9 @@ class FakeTxnProducer:
         assert self._open is not None
         self._open[0].append(value)
 
-    async def send_offsets_to_transaction(self, offsets: dict[TopicPartition, int], group_id: str) -> None:
+    async def send_offsets_to_transaction(
+        self, offsets: dict[TopicPartition, int], group_id: str
+    ) -> None:
         assert self._open is not None and group_id == "g"
         self._open[1].update(offsets)
 
@@ -58,7 +60,9 @@ def _answer(tag: bytes) -> list[tuple[str, EncodedMessage]]:
     return [("svd-results", EncodedMessage(key=tag, value=tag, headers=[]))]
 
 
-async def _outbox(fenced: list[TopicPartition] | None = None) -> tuple[TransactionalOutbox, dict[str, FakeTxnProducer]]:
+async def _outbox(
+    fenced: list[TopicPartition] | None = None,
+) -> tuple[TransactionalOutbox, dict[str, FakeTxnProducer]]:
     producers: dict[str, FakeTxnProducer] = {}
 
     def factory(txn_id: str) -> Any:
