@@ -11,15 +11,21 @@ import logging
 from collections.abc import Callable
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError, MessageSizeTooLargeError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError, TopicAuthorizationFailedError
 
 from schemas.codec import EncodedMessage
+from schemas.errors import ErrorCode
 
 log = logging.getLogger(__name__)
 
 
 class PublishRejected(Exception):
-    """The broker refused the message for good (too large); retrying cannot help."""
+    """The broker refused the message for good (too large, or the topic is not ours to write);
+    retrying cannot help."""
+
+    def __init__(self, message: str, code: ErrorCode) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class Publisher:
@@ -52,7 +58,13 @@ class Publisher:
                 await ack
                 return
             except MessageSizeTooLargeError as exc:
-                raise PublishRejected(f"{topic} refused {len(message.value)} bytes") from exc
+                raise PublishRejected(
+                    f"{topic} refused {len(message.value)} bytes", ErrorCode.LIMIT_EXCEEDED
+                ) from exc
+            except TopicAuthorizationFailedError as exc:
+                raise PublishRejected(
+                    f"not authorized to write to {topic}", ErrorCode.INVALID_SCHEMA
+                ) from exc
             except KafkaError as exc:
                 self._on_retry()
                 log.warning(

@@ -49,10 +49,12 @@ class _PartitionOutbox:
     ledger: PartitionLedger | None = None
     staged: dict[int, tuple[Answer, asyncio.Future[None]]] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)  # the producer has started
     closed: bool = False
 
     def abandon(self, reason: str) -> None:
         self.closed = True
+        self.ready.set()  # wake deliveries waiting for the start: they see `closed`
         for _, done in self.staged.values():
             if not done.done():
                 done.set_exception(NotDelivered(reason))
@@ -80,12 +82,37 @@ class TransactionalOutbox:
         self.transactions = 0
 
     async def open(self, tps: set[TopicPartition]) -> None:
-        """Start a transactional producer per partition; this fences the previous owner's."""
-        for tp in tps - set(self._partitions):
-            producer = self._factory(transactional_id(self._prefix, tp))
-            await producer.start()
-            self._partitions[tp] = _PartitionOutbox(tp, producer)
+        """Start a transactional producer per partition; this fences the previous owner's.
+
+        The partitions are registered before the first await: records of a new assignment can
+        be fetched and answered while the producers still start, and their deliveries must wait
+        for the start instead of being taken for answers to a revoked partition.
+        """
+        opening = [
+            _PartitionOutbox(tp, self._factory(transactional_id(self._prefix, tp)))
+            for tp in tps - set(self._partitions)
+        ]
+        for outbox in opening:
+            self._partitions[outbox.tp] = outbox
+        for outbox in opening:
+            await self._start(outbox)
         log.info("transactional producers ready for %d partitions", len(tps))
+
+    async def _start(self, outbox: _PartitionOutbox) -> None:
+        delay = self._backoff_s
+        while not outbox.closed:
+            try:
+                await outbox.producer.start()
+            except KafkaError as exc:
+                log.warning(
+                    "transactional producer for %s-%d did not start (%r); retrying in %.1fs",
+                    outbox.tp.topic, outbox.tp.partition, exc, delay,
+                )  # fmt: skip
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._max_backoff_s)
+                continue
+            outbox.ready.set()
+            return
 
     async def close(self, tps: set[TopicPartition]) -> None:
         """Let go of partitions: finish a running transaction, drop what is still staged."""
@@ -106,6 +133,8 @@ class TransactionalOutbox:
     ) -> None:
         """Return once ``answer`` and the offset past it are committed; else ``NotDelivered``."""
         outbox = self._partitions.get(tp)
+        if outbox is not None:
+            await outbox.ready.wait()
         if outbox is None or outbox.closed or ledger.revoked:
             raise NotDelivered(f"{tp.topic}-{tp.partition} is not ours any more")
         outbox.ledger = ledger

@@ -134,3 +134,30 @@ async def test_revoking_drops_what_is_staged_and_stops_the_producer() -> None:
     with pytest.raises(NotDelivered):
         await staged
     assert producer.stopped and producer.committed == []
+
+
+async def test_answers_of_a_partition_whose_producer_still_starts_wait_for_it() -> None:
+    gate = asyncio.Event()
+    producers: dict[str, FakeTxnProducer] = {}
+
+    class SlowStart(FakeTxnProducer):
+        async def start(self) -> None:
+            await gate.wait()
+            await super().start()
+
+    def factory(txn_id: str) -> Any:
+        producers[txn_id] = SlowStart(txn_id)
+        return producers[txn_id]
+
+    outbox = TransactionalOutbox("g", "svc", factory, on_fenced=lambda tp: None)
+    opening = asyncio.create_task(outbox.open({TP}))
+    await asyncio.sleep(0)  # the assignment callback is still starting the producer
+    ledger = OffsetTracker().ledger(TP)
+    ledger.begin(0)
+    delivery = asyncio.create_task(outbox.deliver(TP, ledger, 0, _answer(b"r0")))
+    await asyncio.sleep(0)
+    assert not delivery.done()
+    gate.set()
+    await opening
+    await delivery
+    assert producers[transactional_id("svc", TP)].committed == [([b"r0"], {TP: 1})]
