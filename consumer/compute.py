@@ -6,7 +6,8 @@ pool worker, in a test, or in a notebook, and every value it takes or returns pi
 Errors:
 - ``ValueError`` for a request that cannot be computed (shape, dtype, non-finite entries, bad
   ``k``). The caller maps it to a request error; retrying cannot help.
-- ``ComputeError`` (a ``LinAlgError``) when LAPACK fails with both drivers. It subclasses
+- ``ComputeError`` (a ``LinAlgError``) when LAPACK fails with both drivers, or a truncated
+  algorithm with no fallback left does not converge (consumer/truncated.py). It subclasses
   ``numpy.linalg.LinAlgError`` so code that already catches ``LinAlgError`` keeps working, and its
   ``__cause__`` is the last driver's error. Not retryable: the same input fails the same way.
 """
@@ -21,6 +22,8 @@ import numpy as np
 import numpy.typing as npt
 import scipy.linalg
 
+from consumer import truncated
+
 FloatArray = npt.NDArray[np.floating[Any]]
 
 DRIVER_GESDD = "gesdd"
@@ -30,6 +33,7 @@ DRIVER_GESVD = "gesvd"
 ALGORITHM_DENSE = "dense"
 #: Dense LAPACK decomposition, then only the top-k triplets kept.
 ALGORITHM_DENSE_TOPK = "dense-topk"
+#: The truncated ones (arpack, propack, lobpcg, randomized) are in consumer/truncated.py.
 
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -43,8 +47,9 @@ class SvdFactors:
     """``a ≈ u @ diag(s) @ vt``; ``u`` and ``vt`` are None for a values-only request.
 
     ``s`` is in descending order and has the input's dtype, as do ``u`` and ``vt``.
-    ``driver`` is the LAPACK routine that produced the result; ``algorithm`` says how
-    (``ALGORITHM_DENSE`` or ``ALGORITHM_DENSE_TOPK``).
+    ``driver`` is the routine that produced the result (a LAPACK driver, ``svds`` or
+    ``trivial``); ``algorithm`` says how (``ALGORITHM_DENSE``, ``ALGORITHM_DENSE_TOPK`` or one
+    of ``truncated.ALGORITHMS``).
     """
 
     u: FloatArray | None
@@ -100,23 +105,33 @@ def output_shapes(
 
 
 def svd(
-    a: npt.NDArray[Any],
+    a: npt.NDArray[Any] | Any,
     *,
     full_matrices: bool = False,
     compute_uv: bool = True,
     k: int | None = None,
+    algorithm: str | None = None,
+    seed: int = 0,
 ) -> SvdFactors:
     """Singular value decomposition of a real 2-D float32 or float64 matrix.
 
     Computes in the input's dtype. ``a`` is never modified. With ``k`` only the top-k triplets
-    are returned (today: the thin SVD, sliced; see ``_top_k``). Raises ``ValueError`` for an
-    invalid request and ``ComputeError`` when neither LAPACK driver converges.
+    are returned, by the algorithm ``truncated.plan`` picks (``algorithm`` None or "auto") or
+    the one named (see ``_top_k``); ``seed`` fixes the random starts of the iterative ones.
+    ``a`` may also be a scipy.sparse matrix: then ``k`` is required, and it is never
+    densified. Raises ``ValueError`` for an invalid request and ``ComputeError`` when the
+    computation fails (both LAPACK drivers, or the named iterative algorithm, did not converge).
     """
-    _validate(a)
+    sparse = truncated.is_sparse(a)
+    if sparse:
+        a = truncated.canonical(a)
+    else:
+        _validate(a)
     m, n = a.shape
     output_shapes(m, n, full_matrices=full_matrices, compute_uv=compute_uv, k=k)
+    truncated.check((m, n), k, sparse=sparse, algorithm=algorithm)
     if k is not None:
-        return _top_k(a, int(k), compute_uv=compute_uv)
+        return _top_k(a, int(k), compute_uv=compute_uv, algorithm=algorithm, seed=seed)
     return _dense(a, full_matrices=full_matrices, compute_uv=compute_uv)
 
 
@@ -133,8 +148,11 @@ def quality(
       absolute value, of either Gram matrix's departure from the identity.
 
     The extra columns of a full ``u`` (rows of a full ``vt``) are not checked: that would cost
-    O(m³) for a tall matrix, more than the SVD itself.
+    O(m³) for a tall matrix, more than the SVD itself. A sparse ``a`` is not densified (see
+    ``truncated.sparse_quality``).
     """
+    if truncated.is_sparse(a):
+        return Quality(*truncated.sparse_quality(a, u, s, vt))
     r = s.shape[0]
     a64 = np.asarray(a, dtype=np.float64)
     u_r = np.asarray(u[:, :r], dtype=np.float64)
@@ -161,13 +179,37 @@ def _validate(a: npt.NDArray[Any]) -> None:
         raise ValueError("matrix contains NaN or infinite entries")
 
 
-def _top_k(a: npt.NDArray[Any], k: int, *, compute_uv: bool) -> SvdFactors:
-    """The k largest singular triplets.
-
-    This is where truncated algorithms (randomized, Lanczos) will plug in, chosen by shape and
-    k; they will report their own ``algorithm``. For now: the thin dense SVD, sliced. Slices
-    are copied so the discarded columns are not kept alive.
+def _top_k(
+    a: Any, k: int, *, compute_uv: bool, algorithm: str | None = None, seed: int = 0
+) -> SvdFactors:
+    """The k largest singular triplets, by the algorithms ``truncated.plan`` lists, in turn:
+    one that does not converge hands over to the next. The last one's failure is a
+    ``ComputeError`` (a pinned algorithm is tried alone; automatic plans for dense input end
+    with LAPACK). Iterative algorithms compute the vectors even for values only: their
+    convergence test needs them.
     """
+    failure: truncated.NotConverged | None = None
+    for name in truncated.plan(a.shape, k, sparse=truncated.is_sparse(a), algorithm=algorithm):
+        if name == truncated.ALGORITHM_DENSE:
+            return _dense_top_k(a, k, compute_uv=compute_uv)
+        try:
+            found = truncated.top_k(a, k, name, seed=seed)
+        except truncated.NotConverged as exc:
+            failure = exc
+            continue
+        return SvdFactors(
+            u=found.u if compute_uv else None,
+            s=found.s,
+            vt=found.vt if compute_uv else None,
+            driver=found.driver,
+            algorithm=name,
+        )
+    raise ComputeError(f"the truncated SVD did not converge ({failure})") from failure
+
+
+def _dense_top_k(a: npt.NDArray[Any], k: int, *, compute_uv: bool) -> SvdFactors:
+    """The thin dense SVD, sliced. Slices are copied so the discarded columns are not kept
+    alive."""
     full = _dense(a, full_matrices=False, compute_uv=compute_uv)
     return SvdFactors(
         u=None if full.u is None else full.u[:, :k].copy(),

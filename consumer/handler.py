@@ -21,6 +21,7 @@ from consumer.compute import output_shapes
 from consumer.metrics import Metrics
 from consumer.offsets import PartitionLedger
 from consumer.publisher import Publisher, PublishRejected
+from consumer.reply_topics import ReplyTopics
 from consumer.settings import ConsumerSettings
 from consumer.transactions import NotDelivered, TransactionalOutbox
 from consumer.work import ComputeFailed, Computer
@@ -69,6 +70,7 @@ def limits_from(settings: ConsumerSettings) -> DecodeLimits:
         max_cols=settings.max_cols,
         max_elements=settings.max_elements,
         max_matrix_bytes=settings.max_matrix_bytes,
+        max_nnz=settings.max_nnz,
         max_message_bytes=settings.max_message_bytes,
         # Refuse up front a request whose factors could not be published (headers need room).
         max_result_bytes=settings.max_message_bytes - 64 * 1024,
@@ -99,8 +101,14 @@ def prepare(record: ConsumerRecord[bytes, bytes], limits: DecodeLimits) -> Prepa
         math.prod(shape) for shape in (shapes.u, shapes.s, shapes.vt) if shape is not None
     )
     # What this request holds while in flight: the record, its matrix and factors in shared
-    # memory, and the encoded answer (about the factors' size again).
-    cost = len(value) + itemsize * (m * n + 2 * factors)
+    # memory, and the encoded answer (about the factors' size again). A sparse matrix goes to
+    # shared memory as its arrays (values in the compute dtype), never dense.
+    matrix = request.matrix
+    if isinstance(matrix, np.ndarray):
+        held = itemsize * m * n
+    else:
+        held = itemsize * matrix.nnz + sum(a.nbytes for a in matrix.index_arrays)
+    cost = len(value) + held + 2 * itemsize * factors
     return Prepared(record, request, None, cost, received_at)
 
 
@@ -112,12 +120,14 @@ class RequestHandler:
         publisher: Publisher,
         metrics: Metrics,
         outbox: TransactionalOutbox | None = None,
+        reply_topics: ReplyTopics | None = None,
     ) -> None:
         self._settings = settings
         self._computer = computer
         self._publisher = publisher
         self._metrics = metrics
         self._outbox = outbox  # set in exactly_once mode
+        self._reply_topics = reply_topics
         self._host = socket.gethostname()
 
     async def handle(self, prepared: Prepared, ledger: PartitionLedger) -> None:
@@ -134,11 +144,13 @@ class RequestHandler:
             await self._publish(prepared, answer)
         except PublishRejected as exc:
             # Only a result can outgrow the topic (inputs that fit, factors that do not).
-            err = SvdServiceError(
-                ErrorCode.LIMIT_EXCEEDED, f"the answer could not be published: {exc}"
+            err = SvdServiceError(exc.code, f"the answer could not be published: {exc}")
+            # The default results topic: the refused topic may be the request's reply topic.
+            fallback = self._failure(
+                prepared, err, attempts=1, reply_to=self._settings.results_topic
             )
             try:
-                await self._publish(prepared, self._failure(prepared, err, attempts=1))
+                await self._publish(prepared, fallback)
             except PublishRejected:
                 log.error(
                     "even the error answer was refused (%s); the request stays at its source offset",
@@ -188,6 +200,14 @@ class RequestHandler:
                 ErrorCode.EXPIRED, f"deadline {deadline_ms} ms passed before compute"
             )
             return self._failure(prepared, err, attempts=0)
+        reply_topic = request.meta.reply_topic
+        if reply_topic and reply_topic != self._settings.results_topic and self._reply_topics:
+            problem = await self._reply_topics.problem(reply_topic)
+            if problem is not None:
+                err = SvdServiceError(ErrorCode.INVALID_SCHEMA, problem)
+                return self._failure(
+                    prepared, err, attempts=0, reply_to=self._settings.results_topic
+                )
         try:
             message = await self._computer.compute(prepared, self._host)
         except ComputeFailed as failed:
@@ -200,7 +220,14 @@ class RequestHandler:
             return prepared.request.meta.reply_topic
         return self._settings.results_topic
 
-    def _failure(self, prepared: Prepared, err: SvdServiceError, *, attempts: int) -> Answer:
+    def _failure(
+        self,
+        prepared: Prepared,
+        err: SvdServiceError,
+        *,
+        attempts: int,
+        reply_to: str | None = None,
+    ) -> Answer:
         record = prepared.record
         request_id = err.request_id or (
             prepared.request.meta.request_id
@@ -217,7 +244,7 @@ class RequestHandler:
             error = ErrorResult(
                 request_id=request_id, code=err.code, message=err.message, retryable=err.retryable
             )
-            answer.append((self._reply_topic(prepared), codec.encode_error(error)))
+            answer.append((reply_to or self._reply_topic(prepared), codec.encode_error(error)))
         dead = DeadLetterMeta(
             reason=err.message,
             code=err.code,

@@ -1,4 +1,4 @@
-"""Publishing answers: idempotent producer, acks=all, retried until the broker acknowledges.
+"""Publishing answers: acks=all, retried until the broker acknowledges.
 
 An answer that is not acknowledged is never counted as done, so its offset is never committed:
 a crash before the acknowledgement redelivers the request instead of losing it.

@@ -26,6 +26,7 @@ from consumer.metrics import Metrics
 from consumer.offsets import OffsetTracker, PartitionLedger
 from consumer.pool import WorkerPool
 from consumer.publisher import Publisher
+from consumer.reply_topics import ReplyTopics
 from consumer.settings import ConsumerSettings
 from consumer.tasks import TaskSet
 from consumer.transactions import TransactionalOutbox
@@ -81,6 +82,8 @@ class SvdService:
         self.offsets = OffsetTracker()
         # Fetched records that did not fit the budget yet, per partition in offset order.
         self._held: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]] = {}
+        # Bumped by each revocation: records fetched before it are stale (see _admit).
+        self._generation = 0
         self.paused = False
         self.ready = asyncio.Event()  # joined the group with the pool up
         self.broker = BrokerContact(settings.ready_broker_window_s)
@@ -161,7 +164,13 @@ class SvdService:
             bootstrap_servers=s.bootstrap_servers,
             client_id=f"{s.instance_id}-producer",
             acks="all",
-            enable_idempotence=True,
+            # Not idempotent: after a broker restart aiokafka's idempotent producer can fail every
+            # send with OutOfOrderSequenceNumber for good (a batch given up on left a gap in its
+            # sequence; aiokafka #1017), and the answers stuck in the Publisher's retries then
+            # hold their partitions' commits forever (tests/faults/test_broker_restart.py).
+            # Idempotence only saved duplicates of a batch aiokafka resends itself; answers are
+            # at-least-once anyway (the Publisher resends too), and readers match on request_id.
+            enable_idempotence=False,
             max_request_size=max(s.max_message_bytes, _PUBLISH_CEILING_BYTES),
             linger_ms=2,
             **security,
@@ -203,7 +212,8 @@ class SvdService:
         self.broker.ok()
         publisher = Publisher(self._producer, on_retry=m.publish_retries.inc)
         computer = Computer(s, self.pool, m)
-        self._handler = RequestHandler(s, computer, publisher, m, self._outbox)
+        reply_topics = ReplyTopics(self._list_topics, allowed=s.reply_topic_pattern)
+        self._handler = RequestHandler(s, computer, publisher, m, self._outbox, reply_topics)
         self._background.spawn(
             self._commit_every(s.commit_interval_s), name="committer", critical=True
         )
@@ -263,9 +273,10 @@ class SvdService:
         self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
     ) -> None:
         full = False
+        generation = self._generation
         for tp, records in batch.items():
             for index, record in enumerate(records):
-                if not full and await self._admit(tp, record):
+                if not full and await self._admit(tp, record, generation):
                     continue
                 # No room: hold this record and the rest of the partition, in order, for
                 # _admit_held (no seek: see there).
@@ -274,8 +285,18 @@ class SvdService:
                     self._held[tp] = records[index:]
                 break
 
-    async def _admit(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> bool:
-        """Start work on ``record`` if the budget has room; False hands it back."""
+    async def _admit(
+        self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes], generation: int
+    ) -> bool:
+        """Start work on ``record`` if the budget has room; False hands it back.
+
+        ``generation`` is the one its batch was fetched in. A revocation since (during a decode
+        in a thread) makes the record stale, even if the partition came straight back: the new
+        assignment fetches it again from the last commit, and beginning both copies would
+        begin an offset twice (tests/faults/test_rebalance_race.py). So it is dropped.
+        """
+        if generation != self._generation:
+            return True
         if self.inflight.requests >= self.inflight.budget.max_requests:
             return False
         value_size = len(record.value or b"")
@@ -283,7 +304,7 @@ class SvdService:
             prepared = await asyncio.to_thread(prepare, record, self._limits)
         else:
             prepared = prepare(record, self._limits)
-        if tp not in self._consumer.assignment():
+        if generation != self._generation or tp not in self._consumer.assignment():
             return True  # revoked while decoding: the new owner reads it from the last commit
         if not self.inflight.fits(prepared.cost):
             return False
@@ -315,6 +336,10 @@ class SvdService:
         finally:
             self.inflight.release(prepared.cost)
             self._gauge_inflight()
+
+    async def _list_topics(self) -> set[str]:
+        metadata = await self._producer.client.fetch_all_metadata()
+        return set(metadata.topics())
 
     # -- backpressure --------------------------------------------------------------------------
     def _pause(self) -> None:
@@ -348,10 +373,19 @@ class SvdService:
             self._consumer.pause(*assigned)
         self.metrics.assigned_partitions.set(len(self._consumer.assignment()))
         self.metrics.paused_partitions.set(len(self._consumer.paused()))
-        log.info("assigned %s", sorted(f"{tp.topic}-{tp.partition}" for tp in assigned))
+        # The pause state as aiokafka holds it, for operators and tests/faults/test_rebalance.py.
+        why = "budget full" if self.paused else "budget open"
+        log.info(
+            "assigned %s; %d of them paused (%s)",
+            sorted(f"{tp.topic}-{tp.partition}" for tp in assigned),
+            len(self._consumer.paused() & assigned),
+            "stopping" if self._stopping.is_set() else why,
+        )
 
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
         """Start nothing new for ``revoked``; wait (bounded) for its answers, commit, let go."""
+        if revoked:  # eager rebalancing: every position restarts from the last commit
+            self._generation += 1  # so what was fetched before is stale from here on
         self._joined = False  # until the rebalance assigns again
         for tp in revoked:
             # Never begun, so never committed past: the next owner reads them again.
@@ -397,11 +431,18 @@ class SvdService:
     # -- shutdown ------------------------------------------------------------------------------
     async def _shutdown(self, started: float) -> Summary:
         in_flight = len(self._requests)
+        keepalive = None
         if hasattr(self, "_consumer"):
             self._consumer.pause(*self._consumer.assignment())
-        remaining = await self._requests.wait(
-            self.settings.drain_timeout_s, stop_early=self._hard_stop
-        )
+            keepalive = asyncio.create_task(self._poll_while_draining())
+        try:
+            remaining = await self._requests.wait(
+                self.settings.drain_timeout_s, stop_early=self._hard_stop
+            )
+        finally:
+            if keepalive is not None:
+                keepalive.cancel()
+                await asyncio.gather(keepalive, return_exceptions=True)
         self._closing = True
         await self._background.cancel_all()
         if hasattr(self, "_consumer"):
@@ -430,6 +471,24 @@ class SvdService:
             budget.max_bytes,
         )  # fmt: skip
         return summary
+
+    async def _poll_while_draining(self) -> None:
+        """Keep calling getmany, every partition paused, for as long as the drain lasts.
+
+        Nothing is returned (paused partitions give nothing), but aiokafka counts the calls:
+        without them the member leaves its group once the drain outlasts max.poll.interval (one
+        slow SVD is enough), and another member computes and answers the drained requests again
+        before their offsets can be committed (tests/faults/test_slow_svd.py).
+        """
+        poll_ms = int(self.settings.poll_timeout_s * 1000)
+        while True:
+            try:
+                # Whatever a rebalance might hand back unpaused is dropped, never admitted: the
+                # commit position comes from the ledgers, so it is read again by its next owner.
+                await self._consumer.getmany(timeout_ms=poll_ms)
+            except KafkaError as exc:  # broker trouble: the drain goes on, and so do we
+                log.debug("poll while draining failed: %r", exc)
+                await asyncio.sleep(self.settings.poll_timeout_s)
 
     async def _close_outbox(self) -> None:
         if self._outbox is not None:

@@ -72,6 +72,9 @@ class ConsumerSettings(BaseSettings):
     fetch_max_bytes: int = Field(default=64 * MIB, ge=MIB)
     max_message_bytes: int = Field(default=64 * MIB, ge=MIB)
     commit_interval_s: float = Field(default=1.0, gt=0)
+    reply_topic_pattern: str = Field(
+        default=".*", description="regex a request's reply_topic must match in full"
+    )
     processing_guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
     transactional_id_prefix: str | None = Field(
         default=None, description="exactly_once: prefix of the per-partition transactional ids"
@@ -102,12 +105,19 @@ class ConsumerSettings(BaseSettings):
     drain_timeout_s: float = Field(default=30.0, ge=0)
     max_attempts: int = Field(default=3, ge=1, description="pool attempts per request")
     retry_backoff_s: float = Field(default=0.2, ge=0)
+    batch_max_items: int = Field(
+        default=64, ge=1, description="small matrices per pool task (1: no micro-batching)"
+    )
+    batch_item_max_bytes: int = Field(
+        default=256 * 1024, ge=0, description="matrices up to this size are micro-batched"
+    )
 
     # Input limits, checked before anything is allocated
     max_rows: int = Field(default=16384, ge=1)
     max_cols: int = Field(default=16384, ge=1)
     max_elements: int = Field(default=16_777_216, ge=1)
     max_matrix_bytes: int = Field(default=128 * MIB, ge=1)
+    max_nnz: int = Field(default=16_777_216, ge=1, description="stored entries of a sparse matrix")
 
     # Operations
     metrics_host: str = "127.0.0.1"

@@ -12,11 +12,20 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from consumer.batch import Batcher, BatchFailed
 from consumer.metrics import Metrics
 from consumer.pool import TaskFailed, TaskTimeout, WorkerCrashed, WorkerPool
 from consumer.settings import ConsumerSettings
 from consumer.shm import ShmAllocationError
-from consumer.worker import KIND_LINALG, KIND_RESOURCES, JobOutcome, SvdTask, prepare_job
+from consumer.truncated import seed_from
+from consumer.worker import (
+    KIND_LINALG,
+    KIND_RESOURCES,
+    ItemOutcome,
+    Outputs,
+    SvdTask,
+    prepare_job,
+)
 from schemas import codec
 from schemas.errors import ContractError, ErrorCode, SvdServiceError
 from schemas.headers import header_value
@@ -26,6 +35,8 @@ if TYPE_CHECKING:
     from consumer.handler import Prepared
 
 log = logging.getLogger(__name__)
+
+Encoded = codec.EncodedMessage
 
 # Test-only: names a fault for the worker to inject (see consumer.worker.FAULTS). Honoured only
 # when the service runs with SVD_ENABLE_TEST_FAULTS=true.
@@ -43,6 +54,12 @@ class Computer:
     def __init__(self, settings: ConsumerSettings, pool: WorkerPool, metrics: Metrics) -> None:
         self._settings = settings
         self._pool = pool
+        self._batcher: Batcher[Encoded] = Batcher(
+            pool,
+            max_items=settings.batch_max_items,
+            item_max_bytes=settings.batch_item_max_bytes,
+            timeout_s=settings.task_timeout_s,
+        )
         self._metrics = metrics
 
     async def compute(self, prepared: Prepared, host: str) -> codec.EncodedMessage:
@@ -60,6 +77,8 @@ class Computer:
             k=options.k,
             quality=options.quality,
             fault=self._fault(prepared),
+            algorithm=options.algorithm,
+            seed=seed_from(request.meta.request_id),  # the same request, the same factors
         )
         attempts = self._settings.max_attempts
         for attempt in range(1, attempts + 1):
@@ -108,22 +127,30 @@ class Computer:
     ) -> codec.EncodedMessage:
         request = prepared.request
         assert request is not None
+        encoding = request.reply_encoding
+
+        def finish(item: ItemOutcome, outputs: Outputs, pid: int, dispatched: float) -> Encoded:
+            meta = self._result_meta(prepared, item, pid, dispatched, host)
+            # Encoding copies the factors out of shared memory, so the block can go right after.
+            return codec.encode_result(meta, outputs.u, outputs.s, outputs.vt, encoding)
+
+        if attempt == 1 and self._batcher.accepts(task):
+            try:
+                return await self._batcher.run(task, finish)
+            except BatchFailed as exc:
+                # The whole batch failed (a crash, a timeout, one bad item): this request now
+                # runs on its own, so only the item at fault fails (consumer/batch.py).
+                log.info("%s; running the request alone", exc, extra=prepared.context)
         with prepare_job([task], attempt=attempt) as job:
             dispatched = time.time()
             outcome = await self._pool.run(job.job, timeout=self._settings.task_timeout_s)
-            outputs = job.outputs(outcome)
-            meta = self._result_meta(prepared, outcome, dispatched, host)
-            # Encoding copies the factors out of shared memory, so the block can go right after.
-            return codec.encode_result(
-                meta, outputs.u, outputs.s, outputs.vt, request.reply_encoding
-            )
+            return finish(outcome.items[0], job.outputs(outcome), outcome.pid, dispatched)
 
     def _result_meta(
-        self, prepared: Prepared, outcome: JobOutcome, dispatched: float, host: str
+        self, prepared: Prepared, item: ItemOutcome, pid: int, dispatched: float, host: str
     ) -> SvdResultMeta:
         request = prepared.request
         assert request is not None
-        item = outcome.items[0]
         created = prepared.created_at
         queue_wait = max(0.0, dispatched - created)
         self._metrics.queue_wait.observe(queue_wait)
@@ -144,9 +171,7 @@ class Computer:
                     compute_ms=item.compute_ms,
                     total_ms=max(0.0, time.time() - created) * 1000,
                 ),
-                "worker": WorkerInfo(
-                    instance_id=self._settings.instance_id, host=host, pid=outcome.pid
-                ),
+                "worker": WorkerInfo(instance_id=self._settings.instance_id, host=host, pid=pid),
                 "quality": quality,
                 "algorithm": item.algorithm,
                 "driver": item.driver,

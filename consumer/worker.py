@@ -24,13 +24,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 import numpy as np
 import numpy.typing as npt
+import scipy.sparse
 from threadpoolctl import threadpool_limits
 
-from consumer import compute
+from consumer import compute, truncated
 from consumer.shm import ArraySpec, AttachedBlock, BlockDescriptor, ShmBlock
 
 #: Test-only faults a job item may carry; the consumer sets them only when its settings enable
@@ -64,6 +65,14 @@ class JobItem:
     k: int | None = None
     quality: bool = False
     fault: str | None = None
+    algorithm: str | None = None  # None or "auto": compute chooses (consumer/truncated.py)
+    seed: int = 0  # random starts of the iterative algorithms
+    # A sparse matrix (format csr, csc or coo): ``a`` holds its values, ``sparse_index`` the
+    # regions of its index arrays, (indices, indptr) or (row, col). Plain values only: what
+    # crosses the pipe stays primitive (tests/unit/test_no_pickle.py).
+    sparse_format: str | None = None
+    sparse_shape: tuple[int, int] | None = None
+    sparse_index: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,16 +129,34 @@ class Ready:
 # --- parent side ------------------------------------------------------------------------------
 
 
+class SparseInput(Protocol):
+    """A sparse matrix as decoded (``schemas.sparse.SparseMatrix``); entries may be unsorted
+    and repeated (they add up)."""
+
+    @property
+    def format(self) -> str: ...  # csr, csc or coo
+    @property
+    def shape(self) -> tuple[int, int]: ...
+    @property
+    def data(self) -> npt.NDArray[Any]: ...
+    @property
+    def index_arrays(self) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]: ...
+    @property
+    def nbytes(self) -> int: ...
+
+
 @dataclass(frozen=True, slots=True)
 class SvdTask:
     """One matrix to decompose, as the consumer asks for it."""
 
-    matrix: npt.NDArray[Any]
+    matrix: npt.NDArray[Any] | SparseInput
     full_matrices: bool = False
     compute_uv: bool = True
     k: int | None = None
     quality: bool = False
     fault: str | None = None
+    algorithm: str | None = None
+    seed: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,7 +231,7 @@ def prepare_job(tasks: Sequence[SvdTask], *, attempt: int = 1) -> PreparedJob:
     block = ShmBlock(specs)
     try:
         for task, item in zip(tasks, items, strict=True):
-            np.copyto(block.array(item.a), task.matrix)
+            _copy_in(block, task.matrix, item)
     except BaseException:
         block.close()
         raise
@@ -213,6 +240,8 @@ def prepare_job(tasks: Sequence[SvdTask], *, attempt: int = 1) -> PreparedJob:
 
 def _plan_item(task: SvdTask, specs: list[ArraySpec]) -> JobItem:
     matrix = task.matrix
+    if not isinstance(matrix, np.ndarray):
+        return _plan_sparse_item(task, matrix, specs)
     if matrix.ndim != 2:
         raise ValueError("expected a 2-D matrix")
     dtype = matrix.dtype.newbyteorder("=")
@@ -223,6 +252,7 @@ def _plan_item(task: SvdTask, specs: list[ArraySpec]) -> JobItem:
     shapes = compute.output_shapes(
         *matrix.shape, full_matrices=task.full_matrices, compute_uv=task.compute_uv, k=task.k
     )
+    truncated.check(matrix.shape, task.k, sparse=False, algorithm=task.algorithm)
 
     def reserve(shape: tuple[int, ...] | None) -> int | None:
         if shape is None:
@@ -243,7 +273,57 @@ def _plan_item(task: SvdTask, specs: list[ArraySpec]) -> JobItem:
         k=task.k,
         quality=task.quality,
         fault=task.fault,
+        algorithm=task.algorithm,
+        seed=task.seed,
     )
+
+
+def _plan_sparse_item(task: SvdTask, matrix: SparseInput, specs: list[ArraySpec]) -> JobItem:
+    """A sparse matrix goes in as its arrays (values, then the two index arrays), never dense."""
+    dtype = matrix.data.dtype.newbyteorder("=")
+    if dtype not in compute.SUPPORTED_DTYPES:
+        raise ValueError(f"unsupported dtype {matrix.data.dtype}; expected float32 or float64")
+    if matrix.format not in ("csr", "csc", "coo"):
+        raise ValueError(f"unsupported sparse format {matrix.format!r}")
+    if task.fault is not None and task.fault not in FAULTS:
+        raise ValueError(f"unknown fault {task.fault!r}")
+    m, n = matrix.shape
+    shapes = compute.output_shapes(
+        m, n, full_matrices=task.full_matrices, compute_uv=task.compute_uv, k=task.k
+    )
+    truncated.check((m, n), task.k, sparse=True, algorithm=task.algorithm)
+
+    def reserve(shape: tuple[int, ...], of: npt.DTypeLike) -> int:
+        specs.append(ArraySpec.of(shape, np.dtype(of).newbyteorder("=")))
+        return len(specs) - 1
+
+    a = reserve(matrix.data.shape, dtype)
+    first, second = (reserve(x.shape, x.dtype) for x in matrix.index_arrays)
+    return JobItem(
+        a=a,
+        s=reserve(shapes.s, dtype),
+        u=None if shapes.u is None else reserve(shapes.u, dtype),
+        vt=None if shapes.vt is None else reserve(shapes.vt, dtype),
+        compute_uv=task.compute_uv,
+        k=task.k,
+        quality=task.quality,
+        fault=task.fault,
+        algorithm=task.algorithm,
+        seed=task.seed,
+        sparse_format=matrix.format,
+        sparse_shape=(m, n),
+        sparse_index=(first, second),
+    )
+
+
+def _copy_in(block: ShmBlock, matrix: npt.NDArray[Any] | SparseInput, item: JobItem) -> None:
+    if isinstance(matrix, np.ndarray):
+        np.copyto(block.array(item.a), matrix)
+        return
+    assert item.sparse_index is not None
+    np.copyto(block.array(item.a), matrix.data)
+    for region, array in zip(item.sparse_index, matrix.index_arrays, strict=True):
+        np.copyto(block.array(region), array)
 
 
 def _readonly(array: npt.NDArray[Any]) -> npt.NDArray[Any]:
@@ -257,6 +337,7 @@ def _readonly(array: npt.NDArray[Any]) -> npt.NDArray[Any]:
 def serve(conn: Connection, blas_threads: int) -> None:
     """Main loop of a pool worker process (the ``Process`` target)."""
     _die_with_parent()
+    _release_fork_server()
     init_worker(blas_threads)
     with contextlib.suppress(EOFError, BrokenPipeError), conn:
         conn.send(Ready(os.getpid(), _blas_threads))
@@ -300,9 +381,16 @@ def run_job(job: Job) -> JobOutcome:
 
 def _run_item(block: AttachedBlock, item: JobItem, attempt: int) -> ItemOutcome:
     _inject(item.fault, attempt)
-    a = block.array(item.a)
+    a = _input(block, item)
     started = time.perf_counter()
-    factors = compute.svd(a, full_matrices=item.full_matrices, compute_uv=item.compute_uv, k=item.k)
+    factors = compute.svd(
+        a,
+        full_matrices=item.full_matrices,
+        compute_uv=item.compute_uv,
+        k=item.k,
+        algorithm=item.algorithm,
+        seed=item.seed,
+    )
     compute_ms = (time.perf_counter() - started) * 1000.0
     _store(block, item.s, factors.s)
     _store(block, item.u, factors.u)
@@ -319,6 +407,20 @@ def _run_item(block: AttachedBlock, item: JobItem, attempt: int) -> ItemOutcome:
         compute_ms=compute_ms,
         quality=quality,
     )
+
+
+def _input(block: AttachedBlock, item: JobItem) -> Any:
+    """The item's matrix: a view of the block, or a scipy.sparse matrix over views of it (the
+    worker never writes to them: compute copies a matrix it has to sort or sum)."""
+    if item.sparse_format is None or item.sparse_index is None:
+        return block.array(item.a)
+    data = block.array(item.a)
+    first, second = (block.array(region) for region in item.sparse_index)
+    shape = item.sparse_shape
+    if item.sparse_format == "coo":
+        return scipy.sparse.coo_array((data, (first, second)), shape=shape)
+    kind = scipy.sparse.csr_array if item.sparse_format == "csr" else scipy.sparse.csc_array
+    return kind((data, first, second), shape=shape)
 
 
 def _store(block: AttachedBlock, region: int | None, value: npt.NDArray[Any] | None) -> None:
@@ -388,3 +490,23 @@ def _die_with_parent() -> None:
         return
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
+
+
+def _release_fork_server() -> None:
+    """Close this worker's copy of the fork server's "alive" pipe, so the server can exit.
+
+    The fork server exits when every write end of that pipe is closed, and it hands one to each
+    process it forks (for children that start processes of their own; workers never do). A
+    worker busy in a long SVD, or hung, when the main process was SIGKILLed would otherwise keep
+    the server alive, and the server, through PR_SET_PDEATHSIG, the worker: the whole tree and
+    its shared memory outlived the service (found by tests/faults/test_consumer_kill.py).
+    A no-op under spawn, which has no fork server.
+    """
+    from multiprocessing import forkserver
+
+    server: Any = forkserver._forkserver  # CPython sets the fd on it in the forked child
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if fd is not None:
+        server._forkserver_alive_fd = None
+        with contextlib.suppress(OSError):
+            os.close(fd)

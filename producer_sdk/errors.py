@@ -73,6 +73,7 @@ _BY_CODE: dict[ErrorCode, type[SvdError]] = {
     ErrorCode.LIMIT_EXCEEDED: SvdInvalidRequest,
     ErrorCode.JSON_TOO_DEEP: SvdInvalidRequest,
     ErrorCode.MESSAGE_TOO_LARGE: SvdInvalidRequest,
+    ErrorCode.INVALID_SPARSE: SvdInvalidRequest,
     ErrorCode.SVD_FAILED: SvdComputeError,
     ErrorCode.TIMEOUT: SvdComputeError,
     ErrorCode.WORKER_CRASHED: SvdComputeError,

@@ -133,7 +133,9 @@ class FakeSvdClient(BaseSvdClient):
             )
         started = time.time() * 1000
         try:
-            u, s, vt = _svd(decoded.matrix, meta)
+            matrix = decoded.matrix
+            dense = matrix if isinstance(matrix, np.ndarray) else matrix.toarray()
+            u, s, vt = _svd(dense, meta)
         except np.linalg.LinAlgError as exc:
             failed = SvdServiceError(ErrorCode.SVD_FAILED, f"SVD did not converge: {exc}")
             return codec.encode_error(

@@ -44,6 +44,7 @@ from schemas.models import (
     WorkerInfo,
 )
 from schemas.records import EncodedMessage
+from schemas.sparse import SparseMatrix
 
 __all__ = [
     "CONTENT_TYPE",
@@ -68,6 +69,7 @@ __all__ = [
     "MatrixSpec",
     "Quality",
     "ResultShapes",
+    "SparseMatrix",
     "SvdOptions",
     "SvdRequestJson",
     "SvdRequestMeta",

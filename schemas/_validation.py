@@ -9,7 +9,7 @@ from pydantic import BaseModel, ValidationError
 
 from schemas.errors import ContractError, ErrorCode
 from schemas.limits import DecodeLimits
-from schemas.models import SUPPORTED_SCHEMA_VERSIONS, SvdOptions
+from schemas.models import MATRIX_TAGS, SUPPORTED_SCHEMA_VERSIONS, SvdOptions
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -148,7 +148,7 @@ _PRIORITY = (
 def _contract_error(exc: ValidationError, what: str, request_id: str | None) -> ContractError:
     problems: list[tuple[ErrorCode, str]] = []
     for err in exc.errors(include_url=False, include_input=False):
-        loc = tuple(err["loc"])
+        loc = _without_tags(tuple(err["loc"]))
         where = _format_loc(loc) or what
         kind = err["type"]
         if kind == "extra_forbidden" and loc[:-1] == ("options",):
@@ -163,6 +163,13 @@ def _contract_error(exc: ValidationError, what: str, request_id: str | None) -> 
             problems.append(
                 (ErrorCode.UNSUPPORTED_DTYPE, f"{where}: unsupported dtype; use float32 or float64")
             )
+        elif loc and loc[-1] == "index_dtype" and kind == "literal_error":
+            problems.append(
+                (
+                    ErrorCode.UNSUPPORTED_DTYPE,
+                    f"{where}: unsupported index dtype; use int32 or int64",
+                )
+            )
         elif "shape" in loc:
             problems.append(
                 (ErrorCode.INVALID_SHAPE, f"{where}: {err['msg']} (a 2-D, non-empty [rows, cols])")
@@ -173,6 +180,15 @@ def _contract_error(exc: ValidationError, what: str, request_id: str | None) -> 
     shown = "; ".join(message for _, message in problems[:5])
     more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
     return ContractError(code, f"{what}: {shown}{more}", request_id=request_id)
+
+
+def _without_tags(loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
+    # matrix is a union of dense and sparse specs; pydantic puts the member's tag in the path.
+    return tuple(
+        part
+        for i, part in enumerate(loc)
+        if not (i > 0 and loc[i - 1] == "matrix" and part in MATRIX_TAGS)
+    )
 
 
 def _format_loc(loc: tuple[int | str, ...]) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from schemas import topics
+from schemas import sparse, topics
 from schemas._arrays import FloatArray, check_finite, from_buffer, from_json_numbers, to_wire
 from schemas._validation import (
     check_schema_version,
@@ -53,6 +53,7 @@ from schemas.models import (
     SvdResultSpec,
 )
 from schemas.records import Buffer, EncodedMessage
+from schemas.sparse import SparseMatrix
 
 __all__ = [
     "DeadLetter",
@@ -79,7 +80,8 @@ _MISSING = object()
 class DecodedRequest:
     meta: SvdRequestMeta
     # In the wire dtype (not yet options.dtype); read-only. For binary, a view of the value.
-    matrix: FloatArray
+    # A SparseMatrix when the request's matrix has a format (schemas/sparse.py).
+    matrix: FloatArray | SparseMatrix
     encoding: Encoding
     nbytes: int  # size of the received value
 
@@ -141,9 +143,11 @@ def decode_request(
 
 def _decode_json_request(
     view: memoryview, limits: DecodeLimits
-) -> tuple[SvdRequestMeta, FloatArray]:
+) -> tuple[SvdRequestMeta, FloatArray | SparseMatrix]:
     obj = load_json_object(view, "value")
     matrix = obj.get("matrix")
+    if sparse.is_sparse(matrix):
+        return sparse.decode_json(obj, limits)
     # The data array leaves the tree before the depth walk: it can hold millions of numbers, and
     # from_json_numbers checks its elements anyway.
     data = matrix.pop("data", _MISSING) if type(matrix) is dict else _MISSING
@@ -162,8 +166,10 @@ def _decode_json_request(
 
 def _decode_binary_request(
     view: memoryview, headers: ReceivedHeaders, limits: DecodeLimits
-) -> tuple[SvdRequestMeta, FloatArray]:
+) -> tuple[SvdRequestMeta, FloatArray | SparseMatrix]:
     obj = _load_meta_header(headers, limits)
+    if sparse.is_sparse(obj.get("matrix")):
+        return sparse.decode_binary(view, obj, limits)
     meta = _validate_request(obj, "svd-meta", limits)
     # Shape, dtype and limits are settled before the value is looked at.
     if view.nbytes != meta.matrix.nbytes:
@@ -217,9 +223,14 @@ def _check_limits(meta: SvdRequestMeta, limits: DecodeLimits) -> None:
 
 
 def encode_request(
-    meta: SvdRequestMeta, matrix: np.ndarray[Any, Any], encoding: Encoding = Encoding.JSON
+    meta: SvdRequestMeta,
+    matrix: np.ndarray[Any, Any] | SparseMatrix,
+    encoding: Encoding = Encoding.JSON,
 ) -> EncodedMessage:
-    """Encode a request. meta.matrix must describe `matrix` (see MatrixSpec.of)."""
+    """Encode a request. meta.matrix must describe `matrix` (see MatrixSpec.of, or
+    SparseMatrix.spec for a sparse matrix)."""
+    if isinstance(matrix, SparseMatrix):
+        return sparse.encode_request(meta, matrix, encoding)
     wire = to_wire(matrix, "matrix", ndim=(2,))
     if meta.matrix != MatrixSpec.of(wire):
         raise ValueError(

@@ -24,6 +24,8 @@ class ErrorCode(StrEnum):
     LIMIT_EXCEEDED = "LIMIT_EXCEEDED"
     JSON_TOO_DEEP = "JSON_TOO_DEEP"
     MESSAGE_TOO_LARGE = "MESSAGE_TOO_LARGE"
+    # A sparse matrix whose index arrays are malformed (bounds, indptr not monotone, ...).
+    INVALID_SPARSE = "INVALID_SPARSE"
     # Raised by the service after a request was accepted.
     SVD_FAILED = "SVD_FAILED"
     TIMEOUT = "TIMEOUT"

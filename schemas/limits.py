@@ -17,6 +17,8 @@ class DecodeLimits:
     max_matrix_bytes: int = 128 * MiB
     # Bytes of U + S + Vt in the compute dtype; catches full_matrices on a tall matrix (U is m x m).
     max_result_bytes: int = 256 * MiB
+    # Stored entries of a sparse matrix (its matrix bytes are the data and index arrays).
+    max_nnz: int = 16_777_216
     # Size of a Kafka record value; the broker's own limit must be at least this for it to matter.
     max_message_bytes: int = 64 * MiB
     # Nesting of JSON objects/arrays; a valid request needs 3.

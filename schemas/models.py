@@ -15,10 +15,13 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     model_validator,
 )
 from pydantic.config import JsonDict
+from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
 from schemas.errors import ErrorCode, SvdServiceError
@@ -29,6 +32,19 @@ SUPPORTED_SCHEMA_VERSIONS: frozenset[int] = frozenset({SCHEMA_VERSION})
 Dtype: TypeAlias = Literal["float32", "float64"]
 EncodingName: TypeAlias = Literal["json", "binary"]
 ITEMSIZE: dict[str, int] = {"float32": 4, "float64": 8}
+# None and "auto" let the service choose from the shape, k and the input's kind.
+Algorithm: TypeAlias = Literal["auto", "dense", "arpack", "propack", "lobpcg", "randomized"]
+#: Algorithms that compute only k triplets (they need options.k).
+TRUNCATED_ALGORITHMS: frozenset[str] = frozenset({"arpack", "propack", "lobpcg", "randomized"})
+SparseFormat: TypeAlias = Literal["csr", "csc", "coo"]
+IndexDtype: TypeAlias = Literal["int32", "int64"]
+INDEX_ITEMSIZE: dict[str, int] = {"int32": 4, "int64": 8}
+#: The index arrays each sparse format carries besides data.
+SPARSE_INDEX_ARRAYS: dict[str, tuple[str, str]] = {
+    "csr": ("indices", "indptr"),
+    "csc": ("indices", "indptr"),
+    "coo": ("row", "col"),
+}
 
 # Visible ASCII only: the id becomes the Kafka key and shows up in logs and shells unescaped.
 RequestId = Annotated[
@@ -118,6 +134,13 @@ class SvdOptions(_Wire):
         default=False,
         description="Also return numerical quality figures (needs compute_uv).",
     )
+    algorithm: Algorithm | None = Field(
+        default=None,
+        description="How to compute: dense (LAPACK), arpack, propack or lobpcg "
+        "(scipy.sparse.linalg.svds), randomized (Halko et al.). The last four compute only the "
+        "k largest triplets and need k. Absent or auto: the service chooses from the shape, k "
+        "and whether the matrix is sparse; the result's algorithm field says which ran.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> SvdOptions:
@@ -125,6 +148,10 @@ class SvdOptions(_Wire):
             raise _invalid_options("k and full_matrices=true cannot be combined")
         if self.quality and not self.compute_uv:
             raise _invalid_options("quality needs compute_uv=true (it is measured on U and Vt)")
+        if self.algorithm in TRUNCATED_ALGORITHMS and self.k is None:
+            raise _invalid_options(
+                f"algorithm {self.algorithm!r} computes the k largest triplets: it needs k"
+            )
         return self
 
 
@@ -159,6 +186,128 @@ class InlineMatrix(MatrixSpec):
     data: list[float] = Field(
         description="rows*cols finite numbers, row-major (row 0 first). No NaN/Infinity."
     )
+
+
+# ------------------------------------------------------------------------------ sparse input
+# A matrix with a "format" is sparse. Its arrays are checked by schemas/sparse.py (bounds,
+# lengths, finiteness); the models settle the fields. MatrixSpec.nbytes of a sparse spec is its
+# dense size, not what was sent.
+
+
+def _sparse_arrays_schema(schema: JsonDict) -> None:
+    # Which index arrays go with which format, for JSON Schema readers.
+    rules: list[JsonDict] = []
+    for fmt, names in SPARSE_INDEX_ARRAYS.items():
+        others: list[JsonDict] = [
+            {"required": [o]} for o in ("indices", "indptr", "row", "col") if o not in names
+        ]
+        then: JsonDict = {"required": list(names), "not": {"anyOf": list(others)}}
+        rules.append({"if": {"properties": {"format": {"const": fmt}}}, "then": then})
+    schema["allOf"] = list(rules)
+
+
+class SparseMatrixSpec(MatrixSpec):
+    """A sparse input matrix, without its arrays."""
+
+    format: SparseFormat = Field(
+        description="csr: data, indices (the column of each entry) and indptr (rows+1 offsets: "
+        "row i is data[indptr[i]:indptr[i+1]]); csc: the same by columns; coo: data, row, col."
+    )
+
+    def _check_arrays(self) -> None:
+        # Given means present in the message; a null counts as given (and is refused).
+        names = ("indices", "indptr", "row", "col")
+        present = {n for n in names if n in self.model_fields_set}
+        nulls = sorted(n for n in present if getattr(self, n) is None)
+        if nulls:
+            raise PydanticCustomError(
+                "sparse_arrays", "{names}: null is not an array", {"names": ", ".join(nulls)}
+            )
+        wanted = set(SPARSE_INDEX_ARRAYS[self.format])
+        if present != wanted:
+            raise PydanticCustomError(
+                "sparse_arrays",
+                "format {fmt} needs data, {wanted} and nothing else; got {present}",
+                {"fmt": self.format, "wanted": " and ".join(sorted(wanted)),
+                 "present": ", ".join(sorted(present)) or "no index arrays"},
+            )  # fmt: skip
+
+
+class ByteRange(_Wire):
+    """Where one array of a binary sparse request lies in the Kafka value."""
+
+    offset: NonNegInt = Field(description="Byte offset of the array in the value.")
+    nbytes: NonNegInt = Field(description="Byte length of the array.")
+
+
+class SparseBinaryMatrix(SparseMatrixSpec):
+    """A sparse matrix in the svd-meta header of a binary request; its arrays are in the value,
+    each little-endian at its offset, together filling the value exactly."""
+
+    model_config = ConfigDict(json_schema_extra=_sparse_arrays_schema)
+
+    index_dtype: IndexDtype = Field(description="Type of the index arrays (little-endian).")
+    nnz: NonNegInt = Field(description="Stored entries: the length of data, indices, row and col.")
+    data: ByteRange = Field(description="nnz values of the matrix dtype.")
+    # Absent unless the format has them (None is never valid on the wire: not in the schema).
+    indices: ByteRange | SkipJsonSchema[None] = Field(
+        default=None, description="csr, csc: nnz indices."
+    )
+    indptr: ByteRange | SkipJsonSchema[None] = Field(
+        default=None, description="csr: rows+1 offsets; csc: cols+1 offsets."
+    )
+    row: ByteRange | SkipJsonSchema[None] = Field(default=None, description="coo: nnz row indices.")
+    col: ByteRange | SkipJsonSchema[None] = Field(
+        default=None, description="coo: nnz column indices."
+    )
+
+    @model_validator(mode="after")
+    def _arrays(self) -> SparseBinaryMatrix:
+        self._check_arrays()
+        return self
+
+
+class InlineSparseMatrix(SparseMatrixSpec):
+    """A sparse input matrix of a JSON request, arrays included."""
+
+    model_config = ConfigDict(json_schema_extra=_sparse_arrays_schema)
+
+    data: list[float] = Field(description="The stored values (nnz finite numbers).")
+    indices: list[int] | SkipJsonSchema[None] = Field(
+        default=None, description="csr: the column of each value; csc: its row."
+    )
+    indptr: list[int] | SkipJsonSchema[None] = Field(
+        default=None, description="csr: rows+1 offsets into data; csc: cols+1."
+    )
+    row: list[int] | SkipJsonSchema[None] = Field(
+        default=None, description="coo: the row of each value."
+    )
+    col: list[int] | SkipJsonSchema[None] = Field(
+        default=None, description="coo: the column of each value."
+    )
+
+    @model_validator(mode="after")
+    def _arrays(self) -> InlineSparseMatrix:
+        self._check_arrays()
+        return self
+
+
+def _matrix_kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return "sparse" if "format" in value else "dense"
+    return "sparse" if isinstance(value, SparseMatrixSpec) else "dense"
+
+
+# The tags appear in pydantic's error locations; schemas/_validation.py leaves them out.
+MATRIX_TAGS: Final = ("dense", "sparse")
+AnyMatrixSpec = Annotated[
+    Annotated[MatrixSpec, Tag("dense")] | Annotated[SparseBinaryMatrix, Tag("sparse")],
+    Discriminator(_matrix_kind),
+]
+AnyInlineMatrix = Annotated[
+    Annotated[InlineMatrix, Tag("dense")] | Annotated[InlineSparseMatrix, Tag("sparse")],
+    Discriminator(_matrix_kind),
+]
 
 
 class ResultShapes(NamedTuple):
@@ -197,13 +346,23 @@ class SvdRequestMeta(_Wire):
     traceparent: TraceParent | None = None
     tracestate: TraceState | None = None
     # Last, so that in a JSON request the large data array comes after everything else.
-    matrix: MatrixSpec
+    matrix: AnyMatrixSpec
 
     @model_validator(mode="after")
     def _k_fits(self) -> SvdRequestMeta:
         k, rank = self.options.k, min(self.matrix.shape)
         if k is not None and k > rank:
             raise _invalid_options(f"options.k={k} exceeds min(rows, cols)={rank}")
+        if isinstance(self.matrix, SparseMatrixSpec):
+            if k is None:
+                raise _invalid_options(
+                    "a sparse matrix needs options.k (its full SVD would be dense)"
+                )
+            if self.options.algorithm == "dense":
+                raise _invalid_options(
+                    "algorithm 'dense' would densify the sparse matrix; use auto, arpack, "
+                    "propack, lobpcg or randomized"
+                )
         return self
 
     @property
@@ -228,7 +387,7 @@ class SvdRequestMeta(_Wire):
 class SvdRequestJson(SvdRequestMeta):
     """An SVD request encoded as JSON (content-type application/json): the whole Kafka value."""
 
-    matrix: InlineMatrix
+    matrix: AnyInlineMatrix
 
 
 # ------------------------------------------------------------------------------------ result

@@ -47,6 +47,8 @@ async def test_invalid_requests_get_an_error_result_and_a_dead_letter(
     expired_id, expired = make_request(
         rng.standard_normal((6, 6)), deadline_ms=int(time.time() * 1000) - 1000
     )
+    # A reply topic that does not exist must not stall the partition (retrying forever).
+    nowhere_id, nowhere = make_request(rng.standard_normal((3, 3)), reply_topic="no-such-topic-here")
     garbage = b"\x00\xffnot a request at all"
     await produce(
         kafka_bootstrap,
@@ -58,6 +60,7 @@ async def test_invalid_requests_get_an_error_result_and_a_dead_letter(
             (b"k", k_too_big, [("content-type", b"application/json")]),
             expired,
             (None, garbage, [("content-type", b"application/json")]),
+            nowhere,
         ],
     )
     expected_codes = {
@@ -65,10 +68,11 @@ async def test_invalid_requests_get_an_error_result_and_a_dead_letter(
         "bad-option": ErrorCode.UNKNOWN_OPTION,
         k_too_big_id: ErrorCode.INVALID_SCHEMA,
         expired_id: ErrorCode.EXPIRED,
+        nowhere_id: ErrorCode.INVALID_SCHEMA,
     }
     with ServiceProcess(kafka_bootstrap, topics, tmp_path / "svc.log", pool_size=1) as service:
         async with AnswerReader(kafka_bootstrap, topics) as reader:
-            answers = await reader.collect({good_id, *expected_codes}, timeout=120, dead_letters=5)
+            answers = await reader.collect({good_id, *expected_codes}, timeout=120, dead_letters=6)
     assert good_id in answers.results
     for request_id, code in expected_codes.items():
         (error,) = answers.errors[request_id]
@@ -80,8 +84,9 @@ async def test_invalid_requests_get_an_error_result_and_a_dead_letter(
     assert by_code[ErrorCode.INVALID_ENCODING].meta.request_id is None
     assert by_code[ErrorCode.UNKNOWN_OPTION].value == bad_option
     assert by_code[ErrorCode.UNKNOWN_OPTION].meta.source_topic == topics.requests
+    assert "does not exist" in answers.errors[nowhere_id][0].message
     # Bad input is answered and committed past, never retried: one dead letter each.
-    assert len(answers.dead_letters) == 5
+    assert len(answers.dead_letters) == 6
     assert "Traceback" not in service.log()
 
 

@@ -57,6 +57,8 @@ class FlakyProducer:
 
 
 class FailingPool:
+    size = 1  # the micro-batcher sizes its batches in flight from it
+
     def __init__(self, error: Exception) -> None:
         self.error = error
 

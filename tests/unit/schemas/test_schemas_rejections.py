@@ -128,7 +128,7 @@ CASES: dict[str, tuple[Message, ErrorCode]] = {
     # --- unknown options
     "unknown option": (json_request(options={"tolerance": 1e-9}), ErrorCode.UNKNOWN_OPTION),
     "unknown option in binary meta": (
-        binary_request(options={"algorithm": "jacobi"}),
+        binary_request(options={"method": "jacobi"}),
         ErrorCode.UNKNOWN_OPTION,
     ),
     # --- data length vs shape
