@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+import numpy as np
+
 from consumer.pool import TaskError, WorkerPool
 from consumer.shm import ShmAllocationError
 from consumer.worker import ItemOutcome, Outputs, SvdTask, prepare_job
@@ -72,10 +74,15 @@ class Batcher(Generic[T]):
         self.items = 0
 
     def accepts(self, task: SvdTask) -> bool:
-        """Worth batching: small, and no test fault (those keep their per-attempt semantics)."""
+        """Worth batching: small and dense, no test fault (those keep their per-attempt semantics).
+
+        Sparse input is never batched: its stored bytes say nothing about its shape, and a
+        large sparse matrix would hold up the small ones sharing its task.
+        """
         return (
             self._max_items > 1
             and task.fault is None
+            and isinstance(task.matrix, np.ndarray)
             and task.matrix.nbytes <= self._item_max_bytes
         )
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import scipy.sparse
 from aiokafka.structs import ConsumerRecord
 
 from consumer.batch import Batcher, BatchFailed
@@ -110,6 +111,8 @@ def test_what_is_batched() -> None:
     assert batcher.accepts(SvdTask(matrix=np.ones((32, 32))))
     assert not batcher.accepts(SvdTask(matrix=np.ones((33, 32))))  # too big: alone
     assert not batcher.accepts(SvdTask(matrix=np.ones((4, 4)), fault="kill"))
+    sparse = scipy.sparse.random(5000, 5000, density=1e-5, format="csr", random_state=1)
+    assert not batcher.accepts(SvdTask(matrix=sparse))  # small in bytes, not in work
     off: Batcher[Any] = Batcher(Sized(), max_items=1, item_max_bytes=1 << 20, timeout_s=1)  # type: ignore[arg-type]
     assert not off.accepts(SvdTask(matrix=np.ones((4, 4))))
 

@@ -1,0 +1,356 @@
+"""The service through a real broker: pre-filled topic, SDK round trip, latency at half load.
+
+One consumer process per (size, variant), on topics of its own, runs the three scenarios in
+turn, while a sampler records the memory of its whole process tree:
+
+- pre-filled: N requests are produced before the consumer starts; the rate runs from the first
+  dispatch to the pool (``created_at_ms + queue_wait_ms``, both in the answers) to the last
+  answer's timestamp, so start-up and group join are not counted;
+- SDK: ``AsyncSvdClient`` submits N requests, then awaits them all (timed from the first submit
+  to the last answer, on the client);
+- latency: open-loop arrivals at half the better of those two rates, one ``client.svd`` call
+  each; end-to-end time on the client, and "added" = end-to-end minus the worker's compute_ms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from bench.procs import REPO, Children, TreeMemory, python_module, spawn, stop
+from bench.workload import Shape, matrices, percentile
+from localkafka import TopicSettings, ensure_topics
+from producer_sdk import AsyncSvdClient
+from schemas import codec
+from schemas.headers import SVD_META
+from schemas.models import SvdRequestMeta
+
+MIB = 1 << 20
+_READY = re.compile(r"consumer\.service: assigned \[")
+
+
+@dataclass
+class Variant:
+    """A consumer configuration to measure: extra ``SVD_*`` variables, maybe another tree.
+
+    ``tree`` runs the consumer from another checkout (e.g. a copy of the code before a change),
+    so before and after are measured side by side in one run, on the same broker.
+    """
+
+    name: str
+    env: dict[str, str] = field(default_factory=dict)
+    tree: Path | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Variant:
+        """``name``, ``name:SVD_A=1,SVD_B=2``, ``name@/path/to/tree[:SVD_A=1]``."""
+        head, _, assignments = text.partition(":")
+        name, _, tree = head.partition("@")
+        env: dict[str, str] = {}
+        for item in filter(None, assignments.split(",")):
+            key, sep, value = item.partition("=")
+            if not sep or not key.startswith("SVD_"):
+                raise ValueError(f"variant setting {item!r} is not SVD_NAME=VALUE")
+            env[key] = value
+        path = Path(tree).resolve() if tree else None
+        if path is not None and not (path / "consumer" / "__main__.py").is_file():
+            raise ValueError(f"{path} has no consumer package")
+        return cls(name, env, path)
+
+
+class ConsumerProcess:
+    """``python -m consumer run`` on given topics, its log in a file, its memory sampled."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        topics: TopicSettings,
+        log_path: Path,
+        variant: Variant,
+        children: Children,
+    ) -> None:
+        self.log_path = log_path
+        self._cwd = variant.tree or REPO
+        self._env = {
+            **os.environ,
+            "SVD_BOOTSTRAP_SERVERS": bootstrap,
+            "SVD_REQUESTS_TOPIC": topics.requests,
+            "SVD_RESULTS_TOPIC": topics.results,
+            "SVD_DLQ_TOPIC": topics.dlq,
+            "SVD_GROUP_ID": f"bench-{topics.requests}",
+            "SVD_METRICS_PORT": "0",
+            "SVD_LOG_LEVEL": "INFO",
+            **variant.env,
+        }
+        self._children = children
+        self._proc: subprocess.Popen[bytes] | None = None
+        self.memory: TreeMemory | None = None
+
+    def start(self) -> None:
+        # python -m puts the working directory first on sys.path: the variant's tree is imported.
+        proc = spawn(
+            python_module("consumer", "run"), log_path=self.log_path, env=self._env, cwd=self._cwd
+        )
+        self._proc = proc
+        self._children.add(self.stop)
+        self.memory = TreeMemory(proc.pid).start()
+
+    def check_alive(self) -> None:
+        assert self._proc is not None
+        if self._proc.poll() is not None:
+            tail = "\n".join(self.log().splitlines()[-30:])
+            raise RuntimeError(f"the consumer exited with {self._proc.returncode}:\n{tail}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    async def wait_ready(self, limit_s: float = 90.0) -> None:
+        deadline = time.monotonic() + limit_s
+        while not _READY.search(self.log()):
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the consumer did not join its group within {limit_s}s")
+            await asyncio.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.memory is not None:
+            self.memory.stop()
+        if self._proc is not None:
+            stop(self._proc, 60)
+
+
+def _topics(label: str, variant: str) -> TopicSettings:
+    suffix = f"{label}-{variant}-{uuid.uuid4().hex[:6]}"
+    return TopicSettings(
+        requests=f"bench-requests-{suffix}",
+        results=f"bench-results-{suffix}",
+        dlq=f"bench-dlq-{suffix}",
+    )
+
+
+def _request(matrix: np.ndarray[Any, Any], created_ms: int) -> tuple[str, codec.EncodedMessage]:
+    request_id = uuid.uuid4().hex
+    meta = SvdRequestMeta.model_validate(
+        {
+            "request_id": request_id,
+            "created_at_ms": created_ms,
+            "matrix": {"shape": list(matrix.shape), "dtype": matrix.dtype.name},
+        }
+    )
+    return request_id, codec.encode_request(meta, matrix, codec.Encoding.BINARY)
+
+
+async def _prefill(bootstrap: str, topic: str, inputs: list[Any], count: int) -> dict[str, int]:
+    """Produce ``count`` binary requests; return {request_id: created_at_ms}."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", max_request_size=64 * MIB, linger_ms=5
+    )
+    await producer.start()
+    created: dict[str, int] = {}
+    try:
+        acks = []
+        for i in range(count):
+            now_ms = time.time_ns() // 1_000_000
+            request_id, message = _request(inputs[i % len(inputs)], now_ms)
+            created[request_id] = now_ms
+            acks.append(
+                await producer.send(topic, message.value, key=message.key, headers=message.headers)
+            )
+        await asyncio.gather(*acks)
+    finally:
+        await producer.stop()
+    return created
+
+
+async def _answered(reader: AIOKafkaConsumer, tps: list[TopicPartition]) -> int:
+    ends = await reader.end_offsets(tps)
+    return int(sum(ends.values()))
+
+
+def _meta(record: Any) -> dict[str, Any] | None:
+    """The svd-meta header of a binary result; None for anything else (an error result)."""
+    for key, value in record.headers:
+        if key == SVD_META:
+            meta: dict[str, Any] = orjson.loads(value)
+            return meta
+    return None
+
+
+async def run_prefilled(
+    bootstrap: str, consumer: ConsumerProcess, topics: TopicSettings, created: dict[str, int]
+) -> dict[str, Any]:
+    """Start the consumer on a full topic; wait for every answer, then read their timings."""
+    count = len(created)
+    reader = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        fetch_max_bytes=64 * MIB,
+        max_partition_fetch_bytes=64 * MIB,
+    )
+    await reader.start()
+    try:
+        partitions = [TopicPartition(topics.results, p) for p in range(topics.results_partitions)]
+        started = time.monotonic()
+        consumer.start()
+        # Only offsets are polled while the service runs: reading 16 MB answers here would take
+        # CPU from it. They are read once every answer is in.
+        while await _answered(reader, partitions) < count:
+            consumer.check_alive()
+            if time.monotonic() - started > 1800:
+                raise TimeoutError("pre-filled run did not finish within 30 min")
+            await asyncio.sleep(0.05)
+        reader.assign(partitions)
+        await reader.seek_to_beginning(*partitions)
+        dispatched: list[float] = []
+        answered_ms: list[int] = []
+        compute_ms: list[float] = []
+        errors = 0
+        seen = 0
+        while seen < count:
+            batch = await reader.getmany(timeout_ms=1000)
+            for records in batch.values():
+                for record in records:
+                    seen += 1
+                    answered_ms.append(record.timestamp)
+                    meta = _meta(record)
+                    if meta is None:
+                        errors += 1
+                        continue
+                    timings = meta["timings"]
+                    dispatched.append(created[meta["request_id"]] + timings["queue_wait_ms"])
+                    compute_ms.append(timings["compute_ms"])
+    finally:
+        await reader.stop()
+    first = min(dispatched) if dispatched else min(answered_ms)
+    span_s = max(1e-3, (max(answered_ms) - first) / 1000)
+    return {
+        "rate": count / span_s,
+        "done": count,
+        "seconds": span_s,
+        "errors": errors,
+        "compute_ms_p50": percentile(compute_ms, 50),
+    }
+
+
+def _client(bootstrap: str, topics: TopicSettings, max_pending: int) -> AsyncSvdClient:
+    return AsyncSvdClient(
+        bootstrap_servers=bootstrap,
+        requests_topic=topics.requests,
+        results_topic=topics.results,
+        max_pending=max_pending,
+        default_timeout_s=1800,
+    )
+
+
+def _check(matrix: np.ndarray[Any, Any], result: Any) -> None:
+    """One answer per run is checked for real: the service must compute, not just answer."""
+    recon = (result.u * result.s) @ result.vt
+    error = np.linalg.norm(recon - matrix) / np.linalg.norm(matrix)
+    if not error < 1e-8:
+        raise AssertionError(f"wrong factors: relative reconstruction error {error:.3g}")
+
+
+async def run_sdk(
+    bootstrap: str, topics: TopicSettings, inputs: list[Any], count: int, warmup: int
+) -> dict[str, Any]:
+    async with _client(bootstrap, topics, count + warmup) as client:
+        warm = [await client.submit(inputs[i % len(inputs)]) for i in range(warmup)]
+        _check(inputs[0], (await asyncio.gather(*warm))[0])
+        started = time.perf_counter()
+        handles = [await client.submit(inputs[i % len(inputs)]) for i in range(count)]
+        submitted = time.perf_counter()
+        results = await asyncio.gather(*handles)
+        elapsed = time.perf_counter() - started
+    assert len(results) == count
+    return {
+        "rate": count / elapsed,
+        "done": count,
+        "seconds": elapsed,
+        "submit_seconds": submitted - started,
+    }
+
+
+async def run_latency(
+    bootstrap: str, topics: TopicSettings, inputs: list[Any], rate: float, count: int
+) -> dict[str, Any]:
+    """Open loop: request i leaves at ``i / rate`` whatever happened to the earlier ones."""
+    e2e: list[float] = []
+    added: list[float] = []
+
+    async def one(matrix: Any) -> None:
+        sent = time.perf_counter()
+        result = await client.svd(matrix)
+        took_ms = (time.perf_counter() - sent) * 1000
+        e2e.append(took_ms)
+        added.append(took_ms - result.meta.timings.compute_ms)
+
+    async with _client(bootstrap, topics, count + 16) as client:
+        await client.svd(inputs[0])  # warm the path
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        tasks = []
+        for i in range(count):
+            delay = start + i / rate - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(inputs[i % len(inputs)])))
+        await asyncio.gather(*tasks)
+    return {
+        "rate": rate,
+        "done": count,
+        "p50_ms": percentile(e2e, 50),
+        "p99_ms": percentile(e2e, 99),
+        "added_p50_ms": percentile(added, 50),
+        "added_p99_ms": percentile(added, 99),
+    }
+
+
+async def run_variant(
+    bootstrap: str,
+    shape: Shape,
+    variant: Variant,
+    count: int,
+    ceiling: float,
+    latency_seconds: float,
+    latency_max: int,
+    warmup: int,
+    workdir: Path,
+    children: Children,
+) -> dict[str, Any]:
+    inputs = matrices(shape)
+    topics = _topics(shape.label, variant.name)
+    await ensure_topics(bootstrap, topics)
+    consumer = ConsumerProcess(
+        bootstrap, topics, workdir / f"consumer-{shape.label}-{variant.name}.log", variant, children
+    )
+    out: dict[str, Any] = {"env": variant.env, "tree": str(variant.tree or REPO)}
+    try:
+        created = await _prefill(bootstrap, topics.requests, inputs, count)
+        out["prefilled"] = await run_prefilled(bootstrap, consumer, topics, created)
+        await consumer.wait_ready()
+        out["sdk"] = await run_sdk(bootstrap, topics, inputs, count, warmup)
+        # Half the better measured rate, but never above half the ceiling: on a noisy machine a
+        # lucky throughput figure would otherwise drive the latency run past full load.
+        best = min(max(out["sdk"]["rate"], out["prefilled"]["rate"]), ceiling)
+        n = max(10, min(latency_max, round(best / 2 * latency_seconds)))
+        out["latency"] = await run_latency(bootstrap, topics, inputs, best / 2, n)
+    finally:
+        consumer.stop()
+        if consumer.memory is not None:
+            out["memory"] = {
+                "peak_rss_bytes": consumer.memory.peak_rss_bytes,
+                "peak_pss_bytes": consumer.memory.peak_pss_bytes,
+                "processes": consumer.memory.peak_processes,
+            }
+    return out

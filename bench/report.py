@@ -1,0 +1,94 @@
+"""The table printed at the end of a run (also pasted into docs/performance.md)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+HEADER = (
+    "size",
+    "variant",
+    "ceiling/s",
+    "prefilled/s (ratio)",
+    "sdk/s (ratio)",
+    "quick-fix/s (ratio)",
+    "celery/s (ratio)",
+    "sdk÷celery",
+    "p50/p99 ms",
+    "added p50 ms",
+    "peak RSS (PSS) MiB",
+)
+
+
+def _rate(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value >= 100:
+        return f"{value:,.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def _ratio(part: dict[str, Any] | None, ceiling: float) -> str:
+    if not part or "rate" not in part:
+        return "-" if not part or "error" not in part else "failed"
+    return f"{_rate(part['rate'])} ({part['rate'] / ceiling:.2f})"
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else (f"{value:.1f}" if value < 100 else f"{value:.0f}")
+
+
+def rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
+    out: list[tuple[str, ...]] = []
+    for label, size in report["sizes"].items():
+        ceiling = size["ceiling"]["rate"]
+        celery = size.get("celery") or {}
+        for name, variant in size.get("variants", {}).items():
+            sdk = variant.get("sdk") or {}
+            latency = variant.get("latency") or {}
+            memory = variant.get("memory") or {}
+            versus = (
+                f"{sdk['rate'] / celery['rate']:.1f}x"
+                if "rate" in sdk and "rate" in celery
+                else "-"
+            )
+            peak = (
+                f"{memory['peak_rss_bytes'] >> 20} ({memory['peak_pss_bytes'] >> 20})"
+                if memory
+                else "-"
+            )
+            out.append(
+                (
+                    label,
+                    name,
+                    _rate(ceiling),
+                    _ratio(variant.get("prefilled"), ceiling),
+                    _ratio(sdk, ceiling),
+                    _ratio(size.get("quickfix"), ceiling),
+                    _ratio(celery, ceiling),
+                    versus,
+                    f"{_ms(latency.get('p50_ms'))}/{_ms(latency.get('p99_ms'))}",
+                    _ms(latency.get("added_p50_ms")),
+                    peak,
+                )
+            )
+    return out
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows(report)]
+    return "\n".join(lines)
+
+
+def text(report: dict[str, Any]) -> str:
+    table = [HEADER, *rows(report)]
+    widths = [max(len(row[i]) for row in table) for i in range(len(HEADER))]
+    return "\n".join(
+        "  ".join(
+            cell.rjust(w) if i > 1 else cell.ljust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in table
+    )
