@@ -139,6 +139,10 @@ class LocalBroker:
         return self.workdir / "broker.json"
 
     @property
+    def ports_file(self) -> Path:
+        return self.workdir / "ports.json"
+
+    @property
     def log_file(self) -> Path:
         return self.workdir / "broker.log"
 
@@ -208,6 +212,8 @@ class LocalBroker:
             )
         state = BrokerState(self._proc.pid, port, controller_port, self.settings.host, extra_ports)
         self.state_file.write_text(json.dumps(asdict(state)))
+        # Kept after stop() (which removes the state file), so a restart reuses the ports.
+        self.ports_file.write_text(json.dumps(asdict(state)))
         try:
             self._wait_ready(state)
         except BaseException:
@@ -215,8 +221,14 @@ class LocalBroker:
             raise
         return state
 
+    def _previous(self) -> BrokerState | None:
+        try:
+            return BrokerState(**json.loads(self.ports_file.read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
     def _ports(self) -> tuple[int, int]:
-        previous = self._read_state()
+        previous = self._previous()
         host = self.settings.host
         port = self.settings.port or (previous.port if previous else 0) or free_port(host)
         controller = (
@@ -227,7 +239,7 @@ class LocalBroker:
         return port, controller
 
     def _extra_ports(self) -> dict[str, int]:
-        previous = self._read_state()
+        previous = self._previous()
         kept = previous.listeners if previous else {}
         return {
             x.name.upper(): x.port or kept.get(x.name.upper()) or free_port(self.settings.host)

@@ -67,3 +67,14 @@ def test_start_stop_leaves_no_process(tmp_path: Path) -> None:
         assert broker.stop() is True
     assert not is_alive(state.pid)
     assert broker.status() is None
+
+
+def test_a_restarted_broker_comes_back_on_its_ports(tmp_path: Path) -> None:
+    broker = LocalBroker(workdir=tmp_path / "b")
+    first = broker.start(die_with_parent=True)
+    try:
+        broker.stop()
+        again = broker.start(die_with_parent=True)
+        assert (again.port, again.controller_port) == (first.port, first.controller_port)
+    finally:
+        broker.stop()
