@@ -25,8 +25,9 @@ unit: test-setup
 integration: test-setup
 	$(BIN)/pytest tests/integration
 
+# The fault-injection suite; each test's counts line is in the "fault-injection counts" summary.
 faults: setup
-	$(BIN)/pytest tests/faults
+	$(BIN)/pytest tests/faults -rA --durations=0
 
 lint: setup
 	$(BIN)/ruff check .
