@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from localkafka import BrokerError, BrokerSettings, LocalBroker, TopicSettings, ensure_topics
-from localkafka.broker import free_port
+from localkafka import BrokerError, LocalBroker, TopicSettings, ensure_topics
 from tests.conftest import IN_CI
 from tests.support.kafka_io import make_request
 from tests.support.service import ServiceProcess
@@ -26,11 +25,8 @@ pytestmark = [pytest.mark.kafka, pytest.mark.faults]
 
 @pytest.fixture
 def own_broker(tmp_path: Path) -> Iterator[LocalBroker]:
-    # Ports pinned up front: LocalBroker does not keep free ports across a stop() and start()
-    # (stop() deletes broker.json, where they are remembered), although its docstring says so.
-    host = BrokerSettings().host
-    pinned = BrokerSettings(port=free_port(host), controller_port=free_port(host))
-    broker = LocalBroker(pinned, workdir=tmp_path / "kafka")
+    # Free ports, kept by LocalBroker across stop() and start() (ports.json in its workdir).
+    broker = LocalBroker(workdir=tmp_path / "kafka")
     try:
         broker.start(die_with_parent=True)
     except BrokerError as exc:
@@ -43,8 +39,12 @@ def own_broker(tmp_path: Path) -> Iterator[LocalBroker]:
         broker.destroy()
 
 
+@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
 def test_broker_stop_and_restart_mid_stream_loses_nothing(
-    own_broker: LocalBroker, tmp_path: Path, fault_report: Callable[[str, str], str]
+    own_broker: LocalBroker,
+    tmp_path: Path,
+    fault_report: Callable[[str, str], str],
+    guarantee: str,
 ) -> None:
     # A plain test, with asyncio.run per step: LocalBroker.start runs its own event loop, and
     # must run on the main thread (its JVM dies with the thread that started it).
@@ -52,6 +52,8 @@ def test_broker_stop_and_restart_mid_stream_loses_nothing(
     assert state is not None
     bootstrap = state.bootstrap
     suffix = uuid.uuid4().hex[:10]
+    # exactly_once readers see committed transactions only, and then each answer once.
+    isolation = "read_committed" if guarantee == "exactly_once" else "read_uncommitted"
     topics = TopicSettings(
         requests=f"svd-requests-{suffix}", results=f"svd-results-{suffix}", dlq=f"svd-dlq-{suffix}"
     )
@@ -63,24 +65,32 @@ def test_broker_stop_and_restart_mid_stream_loses_nothing(
     asyncio.run(send_all(bootstrap, topics.requests, requests.values()))
 
     async def answered_so_far(count: int) -> int:
-        async with TallyReader(bootstrap, topics) as reader:
+        async with TallyReader(bootstrap, topics, isolation_level=isolation) as reader:
             return len((await reader.wait_answered(count, ids, timeout=120)).answered())
 
     async def every_answer() -> Tally:
-        async with TallyReader(bootstrap, topics) as reader:
+        async with TallyReader(bootstrap, topics, isolation_level=isolation) as reader:
             await reader.collect(ids, timeout=240)
             await wait_committed_to_end(bootstrap, group, topics.requests, timeout=60)
             return await reader.read_to_end()
 
     service = ServiceProcess(
-        bootstrap, topics, tmp_path / "svc.log", group_id=group, pool_size=2, max_inflight=16
+        bootstrap,
+        topics,
+        tmp_path / "svc.log",
+        group_id=group,
+        pool_size=2,
+        max_inflight=16,
+        processing_guarantee=guarantee,
     )
     with service:
         answered_before_stop = asyncio.run(answered_so_far(100))
         own_broker.stop()
         # The outage lasts until the service has run into it, not for a guessed time.
         service.wait_for_log(
-            r"(commit of .* failed|publish to .* failed|reading partition lag failed)", timeout=120
+            r"(commit of .* failed|publish to .* failed|transaction on .* failed|"
+            r"reading partition lag failed)",
+            timeout=120,
         )
         assert service.proc is not None and service.proc.poll() is None, "died with the broker"
         restarted = own_broker.start(die_with_parent=True)
@@ -89,10 +99,12 @@ def test_broker_stop_and_restart_mid_stream_loses_nothing(
         stopped = service.stop(timeout=120)
 
     line = fault_report(
-        f"broker stopped (SIGTERM) after {answered_before_stop} of {len(ids)} answers, "
+        f"{guarantee}: broker stopped (SIGTERM) after {answered_before_stop} of {len(ids)} answers, "
         "restarted on the same port once the service had hit the outage",
         tally.report(len(ids), ids),
     )
     assert stopped == 0, line
     assert tally.ok() == ids, line  # duplicates are allowed: commits failed during the outage
     assert "Traceback" not in service.log(), line
+    if guarantee == "exactly_once":
+        assert tally.duplicates() == 0, line

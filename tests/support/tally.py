@@ -85,7 +85,9 @@ class Tally:
 class TallyReader:
     """Reads the results and DLQ topics from the beginning and tallies them."""
 
-    def __init__(self, bootstrap: str, topics: TopicSettings) -> None:
+    def __init__(
+        self, bootstrap: str, topics: TopicSettings, *, isolation_level: str = "read_uncommitted"
+    ) -> None:
         self._consumer = AIOKafkaConsumer(
             topics.results,
             topics.dlq,
@@ -94,6 +96,7 @@ class TallyReader:
             enable_auto_commit=False,
             fetch_max_bytes=64 * MIB,
             max_partition_fetch_bytes=64 * MIB,
+            isolation_level=isolation_level,
         )
         self._dlq = topics.dlq
         self.tally = Tally()
