@@ -225,7 +225,7 @@ class LocalBroker:
         try:
             return BrokerState(**json.loads(self.ports_file.read_text()))
         except (OSError, ValueError, TypeError):
-            return None
+            return self._read_state()  # a work directory from before ports.json existed
 
     def _ports(self) -> tuple[int, int]:
         previous = self._previous()

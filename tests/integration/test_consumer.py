@@ -101,6 +101,9 @@ async def test_a_backlog_pauses_and_resumes_within_the_budget(
     service = ServiceProcess(
         kafka_bootstrap, topics, tmp_path / "svc.log",
         pool_size=1, max_inflight=3, max_inflight_bytes=budget_bytes,
+        # Records that do not fit are held while answers keep coming; the service pauses when
+        # none comes within a poll. A short poll makes that happen between these quick SVDs.
+        poll_timeout_s=0.005,
     )  # fmt: skip
     with service:
         async with AnswerReader(kafka_bootstrap, topics) as reader:
