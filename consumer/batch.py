@@ -26,7 +26,7 @@ from typing import Generic, TypeVar
 import numpy as np
 
 from consumer.pool import TaskError, WorkerPool
-from consumer.shm import ShmAllocationError
+from consumer.shm import SegmentCache, ShmAllocationError
 from consumer.worker import ItemOutcome, Outputs, SvdTask, prepare_job
 
 T = TypeVar("T")
@@ -60,6 +60,7 @@ class Batcher(Generic[T]):
         item_max_bytes: int,
         timeout_s: float,
         slots: int | None = None,
+        cache: SegmentCache | None = None,
     ) -> None:
         if max_items < 1:
             raise ValueError(f"max_items must be >= 1, got {max_items}")
@@ -68,6 +69,7 @@ class Batcher(Generic[T]):
         self._item_max_bytes = item_max_bytes
         self._timeout_s = timeout_s
         self._slots = slots or pool.size
+        self._cache = cache
         self._pending: deque[_Entry[T]] = deque()
         self._running: set[asyncio.Task[None]] = set()
         self.batches = 0  # counters, for tests and logs
@@ -115,7 +117,7 @@ class Batcher(Generic[T]):
         self.batches += 1
         self.items += len(batch)
         try:
-            with prepare_job([e.task for e in batch]) as prepared:
+            with prepare_job([e.task for e in batch], cache=self._cache) as prepared:
                 dispatched = time.time()
                 outcome = await self._pool.run(prepared.job, timeout=self._timeout_s)
                 for index, entry in enumerate(batch):

@@ -74,7 +74,7 @@ class SvdService:
         self.blas_threads = settings.blas_threads or blas_threads_per_worker(cpus, self.pool_size)
         self.inflight = InFlight(
             Budget(
-                max_requests=settings.max_inflight or 4 * self.pool_size,
+                max_requests=settings.max_inflight,
                 max_bytes=settings.max_inflight_bytes,
                 resume_ratio=settings.resume_ratio,
             )
@@ -104,6 +104,7 @@ class SvdService:
         self._consumer: AIOKafkaConsumer
         self._producer: AIOKafkaProducer
         self._handler: RequestHandler
+        self._computer: Computer
 
     # -- control -------------------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -172,7 +173,8 @@ class SvdService:
             # at-least-once anyway (the Publisher resends too), and readers match on request_id.
             enable_idempotence=False,
             max_request_size=max(s.max_message_bytes, _PUBLISH_CEILING_BYTES),
-            linger_ms=2,
+            linger_ms=int(s.producer_linger_s * 1000),
+            max_batch_size=s.producer_batch_bytes,
             **security,
         )
         await self._producer.start()
@@ -187,7 +189,8 @@ class SvdService:
                     enable_idempotence=True,
                     acks="all",
                     max_request_size=max(s.max_message_bytes, _PUBLISH_CEILING_BYTES),
-                    linger_ms=2,
+                    linger_ms=int(s.producer_linger_s * 1000),
+                    max_batch_size=s.producer_batch_bytes,
                     **security,
                 ),
                 on_fenced=self._fenced,
@@ -211,9 +214,9 @@ class SvdService:
         await self._consumer.start()
         self.broker.ok()
         publisher = Publisher(self._producer, on_retry=m.publish_retries.inc)
-        computer = Computer(s, self.pool, m)
+        self._computer = Computer(s, self.pool, m)
         reply_topics = ReplyTopics(self._list_topics, allowed=s.reply_topic_pattern)
-        self._handler = RequestHandler(s, computer, publisher, m, self._outbox, reply_topics)
+        self._handler = RequestHandler(s, self._computer, publisher, m, self._outbox, reply_topics)
         self._background.spawn(
             self._commit_every(s.commit_interval_s), name="committer", critical=True
         )
@@ -505,6 +508,8 @@ class SvdService:
     async def _close_pool(self) -> None:
         if hasattr(self, "pool"):
             await self.pool.close(timeout=5.0)
+        if hasattr(self, "_computer"):
+            self._computer.close()
 
     async def _close_http(self) -> None:  # last: scrapes and probes see the drain to its end
         if self._http is not None:

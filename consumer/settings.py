@@ -72,6 +72,10 @@ class ConsumerSettings(BaseSettings):
     fetch_max_bytes: int = Field(default=64 * MIB, ge=MIB)
     max_message_bytes: int = Field(default=64 * MIB, ge=MIB)
     commit_interval_s: float = Field(default=1.0, gt=0)
+    producer_batch_bytes: int = Field(
+        default=MIB, ge=16384, description="answers batched per partition per produce request"
+    )
+    producer_linger_s: float = Field(default=0.002, ge=0)
     reply_topic_pattern: str = Field(
         default=".*", description="regex a request's reply_topic must match in full"
     )
@@ -98,7 +102,9 @@ class ConsumerSettings(BaseSettings):
     # Work
     pool_size: int | None = Field(default=None, ge=1, description="default: CPUs we may use")
     blas_threads: int | None = Field(default=None, ge=1, description="default: CPUs // pool")
-    max_inflight: int | None = Field(default=None, ge=1, description="default: 4 x pool size")
+    # Many: small requests are micro-batched, and batches only fill when requests wait; the byte
+    # budget, not this count, is what bounds memory (docs/performance.md).
+    max_inflight: int = Field(default=256, ge=1, description="in-flight request limit")
     max_inflight_bytes: int = Field(default=256 * MIB, ge=MIB)
     resume_ratio: float = Field(default=0.5, ge=0.0, lt=1.0)
     task_timeout_s: float = Field(default=120.0, gt=0)
@@ -110,6 +116,9 @@ class ConsumerSettings(BaseSettings):
     )
     batch_item_max_bytes: int = Field(
         default=256 * 1024, ge=0, description="matrices up to this size are micro-batched"
+    )
+    shm_cache_bytes: int = Field(
+        default=64 * MIB, ge=0, description="idle shared memory kept for reuse (0: none)"
     )
 
     # Input limits, checked before anything is allocated

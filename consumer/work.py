@@ -16,7 +16,7 @@ from consumer.batch import Batcher, BatchFailed
 from consumer.metrics import Metrics
 from consumer.pool import TaskFailed, TaskTimeout, WorkerCrashed, WorkerPool
 from consumer.settings import ConsumerSettings
-from consumer.shm import ShmAllocationError
+from consumer.shm import SegmentCache, ShmAllocationError
 from consumer.truncated import seed_from
 from consumer.worker import (
     KIND_LINALG,
@@ -54,13 +54,21 @@ class Computer:
     def __init__(self, settings: ConsumerSettings, pool: WorkerPool, metrics: Metrics) -> None:
         self._settings = settings
         self._pool = pool
+        # Idle segments for the next jobs; two per worker covers a batch being read back
+        # while the next one is prepared.
+        self.segments = SegmentCache(settings.shm_cache_bytes, max_segments=4 * pool.size)
         self._batcher: Batcher[Encoded] = Batcher(
             pool,
             max_items=settings.batch_max_items,
             item_max_bytes=settings.batch_item_max_bytes,
             timeout_s=settings.task_timeout_s,
+            cache=self.segments,
         )
         self._metrics = metrics
+
+    def close(self) -> None:
+        """Unlink the idle segments; blocks still in use are unlinked when they end."""
+        self.segments.close()
 
     async def compute(self, prepared: Prepared, host: str) -> codec.EncodedMessage:
         """The encoded result message, or ``ComputeFailed`` carrying the error to answer with."""
@@ -141,7 +149,7 @@ class Computer:
                 # The whole batch failed (a crash, a timeout, one bad item): this request now
                 # runs on its own, so only the item at fault fails (consumer/batch.py).
                 log.info("%s; running the request alone", exc, extra=prepared.context)
-        with prepare_job([task], attempt=attempt) as job:
+        with prepare_job([task], attempt=attempt, cache=self.segments) as job:
             dispatched = time.time()
             outcome = await self._pool.run(job.job, timeout=self._settings.task_timeout_s)
             return finish(outcome.items[0], job.outputs(outcome), outcome.pid, dispatched)

@@ -32,7 +32,7 @@ import scipy.sparse
 from threadpoolctl import threadpool_limits
 
 from consumer import compute, truncated
-from consumer.shm import ArraySpec, AttachedBlock, BlockDescriptor, ShmBlock
+from consumer.shm import ArraySpec, AttachedBlock, BlockDescriptor, SegmentCache, ShmBlock
 
 #: Test-only faults a job item may carry; the consumer sets them only when its settings enable
 #: test faults. "*_once" fire only on a job's first attempt, so a retry succeeds.
@@ -216,11 +216,14 @@ class PreparedJob:
         self.close()
 
 
-def prepare_job(tasks: Sequence[SvdTask], *, attempt: int = 1) -> PreparedJob:
+def prepare_job(
+    tasks: Sequence[SvdTask], *, attempt: int = 1, cache: SegmentCache | None = None
+) -> PreparedJob:
     """Validate the tasks, lay out one block for all of them and copy the inputs in.
 
     Invalid options raise ``ValueError`` before any shared memory is allocated. The outputs
-    have the input's dtype (in native byte order, as LAPACK needs).
+    have the input's dtype (in native byte order, as LAPACK needs). With a ``cache`` the block
+    reuses an idle segment and closing the job gives it back.
     """
     if not tasks:
         raise ValueError("a job needs at least one task")
@@ -228,7 +231,7 @@ def prepare_job(tasks: Sequence[SvdTask], *, attempt: int = 1) -> PreparedJob:
     items: list[JobItem] = []
     for task in tasks:
         items.append(_plan_item(task, specs))
-    block = ShmBlock(specs)
+    block = ShmBlock(specs, cache)
     try:
         for task, item in zip(tasks, items, strict=True):
             _copy_in(block, task.matrix, item)

@@ -66,6 +66,7 @@ class AsyncSvdClient(BaseSvdClient):
                     enable_idempotence=True,
                     max_request_size=s.max_message_bytes,
                     linger_ms=round(s.linger_s * 1000),
+                    max_batch_size=s.batch_bytes,
                     **s.kafka_security(),
                 )
                 await self._producer.start()

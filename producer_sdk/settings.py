@@ -89,6 +89,9 @@ class ClientSettings(BaseSettings):
     # How soon partitions added to the answers topic are noticed (and read from their start).
     metadata_max_age_s: float = Field(default=30.0, gt=0)
     linger_s: float = Field(default=0.0, ge=0)
+    # aiokafka's default (16 KiB) makes every request over it a batch of its own, and a
+    # partition has one batch in flight: a 32x32 request rate then tops out at ~1/round trip.
+    batch_bytes: int = Field(default=MIB, ge=16384)
 
     # Requests
     encoding: Encoding = Encoding.BINARY

@@ -168,8 +168,8 @@ async def test_a_worker_killed_under_a_batch_still_answers_every_request() -> No
     pids: list[int] = []
     pool = WorkerPool(1, 1, on_worker_started=pids.append)
     await pool.start()
+    computer = Computer(settings, pool, Metrics())
     try:
-        computer = Computer(settings, pool, Metrics())
         matrices = [_matrix(120, 120, seed=i) for i in range(40)]
         prepared = [
             prepare(_record(make_request(a)[1], offset), DecodeLimits())
@@ -181,8 +181,10 @@ async def test_a_worker_killed_under_a_batch_still_answers_every_request() -> No
         await _until(lambda: computer._batcher.batches == 2)
         os.kill(pids[-1], signal.SIGKILL)
         messages = await asyncio.gather(*answers)
+        assert computer.segments.reused > 0  # the retries ran in segments given back
     finally:
         await pool.close(timeout=10)
+        computer.close()  # unlinks the idle segments; the autouse fixture checks
     assert len(pids) >= 2  # the killed worker was replaced
     for a, message in zip(matrices, messages, strict=True):
         reply = codec.decode_reply(message.value, message.headers)

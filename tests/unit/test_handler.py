@@ -75,7 +75,8 @@ def _record(message: codec.EncodedMessage, offset: int = 0) -> ConsumerRecord[by
 
 
 def _handler(producer: FlakyProducer, pool: Any) -> RequestHandler:
-    settings = ConsumerSettings(retry_backoff_s=0.0)
+    # No segment cache: nothing here closes the Computer, so nothing may outlive a job.
+    settings = ConsumerSettings(retry_backoff_s=0.0, shm_cache_bytes=0)
     metrics = Metrics()
     publisher = Publisher(producer, backoff_s=0.0)  # type: ignore[arg-type]
     return RequestHandler(settings, Computer(settings, pool, metrics), publisher, metrics)

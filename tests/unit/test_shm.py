@@ -24,6 +24,7 @@ from consumer.shm import (
     ArraySpec,
     AttachedBlock,
     BlockDescriptor,
+    SegmentCache,
     ShmAllocationError,
     ShmBlock,
     plan_layout,
@@ -122,9 +123,82 @@ def test_full_dev_shm_raises_allocation_error(monkeypatch: pytest.MonkeyPatch) -
 def test_attach_checks_the_size() -> None:
     with ShmBlock([ArraySpec.of((2,), np.float64)]) as block:
         d = block.descriptor
-        bigger = BlockDescriptor(d.name, d.size + 4096, d.arrays)
+        bigger = BlockDescriptor(d.name, shm.GRANULE + 1, d.arrays)  # past the segment's end
         with pytest.raises(ValueError, match="expected"):
             AttachedBlock(bigger)
+
+
+def _vector_block(cache: SegmentCache, length: int) -> ShmBlock:
+    return ShmBlock([ArraySpec.of((length,), np.float64)], cache)
+
+
+def test_cache_reuses_a_segment_for_a_block_of_a_similar_size() -> None:
+    cache = SegmentCache(max_bytes=4 << 20)
+    with _vector_block(cache, 1000) as first:
+        first.array(0)[:] = 1.0
+        name = first.descriptor.name
+    assert cache.idle_names == [name]
+    assert (SHM_DIR / name).exists()
+    with _vector_block(cache, 900) as second:  # smaller, same granule: the same segment
+        assert second.descriptor.name == name
+        assert second.descriptor.size == 7232  # the worker maps what the job uses (aligned)
+        with AttachedBlock(second.descriptor) as attached:
+            attached.array(0)[:] = 2.0
+        assert second.array(0).sum() == 1800.0
+    assert (cache.created, cache.reused) == (1, 1)
+    # A block over twice as small as a segment gets one of its own size, not the big one.
+    with _vector_block(cache, 100_000) as big:
+        big_name = big.descriptor.name
+    with _vector_block(cache, 20_000) as mid:
+        assert mid.descriptor.name not in (name, big_name)
+    with _vector_block(cache, 10) as tiny:  # the smallest that fits: one granule
+        assert tiny.descriptor.name == name
+    assert (cache.created, cache.reused) == (3, 2)
+    cache.close()
+    assert cache.idle_names == []
+    # and the autouse fixture checks that close() unlinked them all
+
+
+def test_cache_never_reuses_a_segment_a_view_still_uses() -> None:
+    cache = SegmentCache(max_bytes=1 << 20)
+    block = _vector_block(cache, 8)
+    view = block.array(0)
+    view[:] = 7.0
+    block.close()  # a view is alive: the segment must not serve another job
+    assert cache.idle_names == []
+    assert not (SHM_DIR / block.descriptor.name).exists()
+    with _vector_block(cache, 8) as other:
+        other.array(0)[:] = 1.0
+    assert view.sum() == 56.0  # the stale view still reads its own job's data
+    del view
+    cache.close()
+
+
+def test_cache_keeps_within_its_limits_and_evicts_the_oldest() -> None:
+    cache = SegmentCache(max_bytes=3 * shm.GRANULE, max_segments=2)
+    blocks = [_vector_block(cache, 16) for _ in range(3)]
+    names = [b.descriptor.name for b in blocks]
+    for block in blocks:
+        block.close()
+    assert cache.idle_names == names[1:]  # at most 2 kept, the least recently used went
+    assert not (SHM_DIR / names[0]).exists()
+    with _vector_block(cache, 4 * shm.GRANULE // 8) as too_big:  # over max_bytes on its own
+        too_big_name = too_big.descriptor.name
+    assert too_big_name not in cache.idle_names
+    assert not (SHM_DIR / too_big_name).exists()
+    cache.close()
+    late = _vector_block(cache, 16)  # given back after close(): destroyed
+    late.close()
+    assert cache.idle_names == []
+    assert not (SHM_DIR / late.descriptor.name).exists()
+
+
+def test_cache_of_zero_bytes_keeps_nothing() -> None:
+    cache = SegmentCache(max_bytes=0)
+    with _vector_block(cache, 16) as block:
+        name = block.descriptor.name
+    assert cache.idle_names == []
+    assert not (SHM_DIR / name).exists()
 
 
 def _child_fills(descriptor: BlockDescriptor) -> None:
@@ -170,19 +244,23 @@ def test_resource_tracker_stays_silent(tmp_path: Path) -> None:
         tmp_path,
         """
         import multiprocessing, numpy as np
-        from consumer.shm import ArraySpec, AttachedBlock, ShmBlock
+        from consumer.shm import ArraySpec, AttachedBlock, SegmentCache, ShmBlock
 
         def child(descriptor):
             with AttachedBlock(descriptor) as block:
                 block.array(0)[:] = 1.0
 
         if __name__ == "__main__":
+            cache = SegmentCache(max_bytes=1 << 20)
             for method in ("forkserver", "spawn"):
-                with ShmBlock([ArraySpec.of((16,), np.float64)]) as block:
-                    p = multiprocessing.get_context(method).Process(
-                        target=child, args=(block.descriptor,))
-                    p.start(); p.join(); assert p.exitcode == 0
-                    assert block.array(0).sum() == 16.0
+                for owner in (None, cache, cache):  # one-off, then cached twice (reused)
+                    with ShmBlock([ArraySpec.of((16,), np.float64)], owner) as block:
+                        p = multiprocessing.get_context(method).Process(
+                            target=child, args=(block.descriptor,))
+                        p.start(); p.join(); assert p.exitcode == 0
+                        assert block.array(0).sum() == 16.0
+            assert cache.reused == 3
+            cache.close()
             print("ok")
         """,
     )
@@ -191,14 +269,20 @@ def test_resource_tracker_stays_silent(tmp_path: Path) -> None:
     assert result.stderr == ""
 
 
-def test_tracker_unlinks_blocks_of_a_killed_parent(tmp_path: Path) -> None:
-    # A parent SIGKILLed while it owns a block: the resource tracker unlinks the segment.
+@pytest.mark.parametrize("state", ["in use", "idle in the cache"])
+def test_tracker_unlinks_blocks_of_a_killed_parent(tmp_path: Path, state: str) -> None:
+    # A parent SIGKILLed while it owns a block, or keeps a segment for reuse: the resource
+    # tracker unlinks the segment.
     result = _run_script(
         tmp_path,
-        """
+        f"""
         import os, signal, sys, numpy as np
-        from consumer.shm import ArraySpec, ShmBlock
-        block = ShmBlock([ArraySpec.of((16,), np.float64)])
+        from consumer.shm import ArraySpec, SegmentCache, ShmBlock
+        cache = SegmentCache(max_bytes=1 << 20)
+        block = ShmBlock([ArraySpec.of((16,), np.float64)], cache)
+        if {state == "idle in the cache"}:
+            block.close()
+            assert cache.idle_names == [block.descriptor.name]
         print(os.getpid(), block.descriptor.name, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
         """,

@@ -151,7 +151,11 @@ async def test_the_algorithm_and_a_seed_from_the_request_id_reach_the_worker() -
     prepared = prepare(_record(_sparse_request(matrix, k=3, algorithm="lobpcg")), DecodeLimits())
     pool = CapturingPool()
     settings = ConsumerSettings()  # batched or not, the job reaches the pool
-    message = await Computer(settings, pool, Metrics()).compute(prepared, "host")  # type: ignore[arg-type]
+    computer = Computer(settings, pool, Metrics())  # type: ignore[arg-type]
+    try:
+        message = await computer.compute(prepared, "host")
+    finally:
+        computer.close()
     (item,) = pool.items
     assert item.algorithm == "lobpcg" and item.seed == truncated.seed_from("price-1")
     reply = codec.decode_reply(message.value, message.headers)
