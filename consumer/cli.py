@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import logging
 import signal
 import sys
@@ -16,7 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from consumer import logs
+from consumer import allocator, logs
 from consumer.settings import ConsumerSettings
 
 log = logging.getLogger("consumer")
@@ -91,26 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         print(settings.model_dump_json(indent=2))
         return 0
     logs.configure(settings.log_level, json=settings.log_json)
-    _return_large_buffers_to_the_os()
+    allocator.tune()  # before the first large buffer (consumer/allocator.py)
     return asyncio.run(serve(settings))
-
-
-def _return_large_buffers_to_the_os() -> None:
-    """Pin glibc's mmap threshold at its default, 128 KiB, so it stops growing.
-
-    glibc raises the threshold to the size of each mmapped block freed, so after the first
-    request value or result freed, every later one of that size comes from the heap, where
-    freed memory mostly stays with the process: on a 1 GiB backlog of 2 MiB requests the service
-    held 130 MiB more than its 64 MiB in-flight budget accounts for. Pinned, buffers of 128 KiB
-    and more are mmapped and given back when freed (tests/faults/test_backlog_memory.py).
-    Best effort: a no-op where mallopt is missing (musl, macOS).
-    """
-    m_mmap_threshold = -3  # from glibc's malloc.h
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(m_mmap_threshold, 128 * 1024)
-    except (OSError, AttributeError):
-        pass
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 
+from consumer import allocator
 from consumer.cpu import available_cpus, blas_threads_per_worker
 from consumer.flow import Budget, InFlight
 from consumer.handler import Prepared, RequestHandler, limits_from, prepare
@@ -225,6 +226,10 @@ class SvdService:
             pool_size=self.pool_size, timeout_s=s.ready_broker_window_s / 2,
         )  # fmt: skip
         self._background.spawn(self._lag.run(s.lag_interval_s), name="lag", critical=True)
+        if s.allocator_trim_interval_s > 0:
+            self._background.spawn(
+                self._trim_every(s.allocator_trim_interval_s), name="allocator", critical=True
+            )
         log.info(
             "consuming %s as %s in group %s: pool %d x %d BLAS threads, in-flight %d requests / %d MiB",
             s.requests_topic, s.instance_id, s.group_id, self.pool_size, self.blas_threads,
@@ -430,6 +435,12 @@ class SvdService:
         while True:
             await asyncio.sleep(interval_s)
             await self._commit()
+
+    async def _trim_every(self, interval_s: float) -> None:
+        # Large buffers come from the heap (consumer/allocator.py); this gives freed ones back.
+        while True:
+            await asyncio.sleep(interval_s)
+            allocator.release_free_memory()
 
     # -- shutdown ------------------------------------------------------------------------------
     async def _shutdown(self, started: float) -> Summary:

@@ -117,6 +117,9 @@ class ConsumerSettings(BaseSettings):
     batch_item_max_bytes: int = Field(
         default=256 * 1024, ge=0, description="matrices up to this size are micro-batched"
     )
+    allocator_trim_interval_s: float = Field(
+        default=0.1, ge=0, description="free heap memory returned to the OS this often (0: never)"
+    )
     shm_cache_bytes: int = Field(
         default=64 * MIB, ge=0, description="idle shared memory kept for reuse (0: none)"
     )

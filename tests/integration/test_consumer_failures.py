@@ -48,7 +48,9 @@ async def test_invalid_requests_get_an_error_result_and_a_dead_letter(
         rng.standard_normal((6, 6)), deadline_ms=int(time.time() * 1000) - 1000
     )
     # A reply topic that does not exist must not stall the partition (retrying forever).
-    nowhere_id, nowhere = make_request(rng.standard_normal((3, 3)), reply_topic="no-such-topic-here")
+    nowhere_id, nowhere = make_request(
+        rng.standard_normal((3, 3)), reply_topic="no-such-topic-here"
+    )
     garbage = b"\x00\xffnot a request at all"
     await produce(
         kafka_bootstrap,
