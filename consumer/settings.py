@@ -75,7 +75,7 @@ class ConsumerSettings(BaseSettings):
     producer_batch_bytes: int = Field(
         default=MIB, ge=16384, description="answers batched per partition per produce request"
     )
-    producer_linger_s: float = Field(default=0.002, ge=0)
+    producer_linger_s: float = Field(default=0.0, ge=0)
     reply_topic_pattern: str = Field(
         default=".*", description="regex a request's reply_topic must match in full"
     )
