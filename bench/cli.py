@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import report
+from bench import hop, report
 from bench.celery_peer import CeleryPeer
 from bench.kafka_runs import Variant, run_variant
 from bench.procs import REPO, Children, python_module
@@ -177,14 +177,19 @@ def main(argv: list[str] | None = None) -> int:
     failed = False
     try:
         bootstrap = args.bootstrap
+        broker_pid: int | None = None  # known when we started it: its CPU time is reported
         if bootstrap is None and "kafka" not in skip:
             from localkafka import LocalBroker
 
             _log("starting a Kafka broker")
             broker = LocalBroker(workdir=workdir / "kafka")
             children.add(broker.destroy)
-            bootstrap = broker.start(die_with_parent=True).bootstrap
+            state = broker.start(die_with_parent=True)
+            bootstrap, broker_pid = state.bootstrap, state.pid
         result["machine"]["kafka"] = bootstrap
+        if bootstrap is not None:
+            _log("one Kafka hop, the transport floor")
+            result["kafka_hop"] = _guard("Kafka hop", lambda: asyncio.run(hop.measure(bootstrap)))
         peer: CeleryPeer | None = None
         if "celery" not in skip:
             peer = CeleryPeer(workdir / "celery", cpus, children)
@@ -207,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                     _log(f"{shape.label}: service '{variant.name}', {count} requests")
                     run = functools.partial(
                         run_variant, bootstrap, shape, variant, count, size["ceiling"]["rate"], latency_seconds,
-                        args.latency_max, 2 * cpus, workdir, children,
+                        args.latency_max, 2 * cpus, workdir, children, broker_pid, cpus,
                     )  # fmt: skip
                     size["variants"][variant.name] = _guard(
                         f"{shape.label} {variant.name}", lambda run=run: asyncio.run(run())
@@ -233,6 +238,13 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
     print(report.text(result))
     print(f"\nJSON report: {output}")
+    floor = result.get("kafka_hop", {})
+    if floor.get("p50_ms") is not None:
+        print(
+            f"Kafka floor: one produce->consume hop (8 KB, acks=all) p50 {floor['p50_ms']:.1f} ms, "
+            f"p99 {floor['p99_ms']:.1f} ms; every answer makes two, so about "
+            f"{2 * floor['p50_ms']:.0f} ms of 'added p50' is the broker round trips."
+        )
     first: dict[str, Any] = next(iter(result["sizes"].values()), {})
     blas = first.get("ceiling", {}).get("blas")
     if blas:

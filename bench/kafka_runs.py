@@ -28,7 +28,7 @@ import numpy as np
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from bench.procs import REPO, Children, TreeMemory, python_module, spawn, stop
+from bench.procs import REPO, Children, CpuSplit, TreeMemory, python_module, spawn, stop
 from bench.workload import Shape, matrices, percentile
 from localkafka import TopicSettings, ensure_topics
 from producer_sdk import AsyncSvdClient
@@ -95,6 +95,7 @@ class ConsumerProcess:
         }
         self._children = children
         self._proc: subprocess.Popen[bytes] | None = None
+        self.pid = 0
         self.memory: TreeMemory | None = None
 
     def start(self) -> None:
@@ -103,6 +104,7 @@ class ConsumerProcess:
             python_module("consumer", "run"), log_path=self.log_path, env=self._env, cwd=self._cwd
         )
         self._proc = proc
+        self.pid = proc.pid
         self._children.add(self.stop)
         self.memory = TreeMemory(proc.pid).start()
 
@@ -188,9 +190,19 @@ def _meta(record: Any) -> dict[str, Any] | None:
 
 
 async def run_prefilled(
-    bootstrap: str, consumer: ConsumerProcess, topics: TopicSettings, created: dict[str, int]
+    bootstrap: str,
+    consumer: ConsumerProcess,
+    topics: TopicSettings,
+    created: dict[str, int],
+    broker_pid: int | None = None,
+    cpus: int = 1,
 ) -> dict[str, Any]:
-    """Start the consumer on a full topic; wait for every answer, then read their timings."""
+    """Start the consumer on a full topic; wait for every answer, then read their timings.
+
+    From the first answer to the last, the CPU time of the consumer's process, its workers,
+    the broker and this process is recorded: the share the workers got is what a ratio to the
+    ceiling (which gives them every CPU) can at most be.
+    """
     count = len(created)
     reader = AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
@@ -205,11 +217,16 @@ async def run_prefilled(
         consumer.start()
         # Only offsets are polled while the service runs: reading 16 MB answers here would take
         # CPU from it. They are read once every answer is in.
-        while await _answered(reader, partitions) < count:
+        split: CpuSplit | None = None
+        while (answered := await _answered(reader, partitions)) < count:
             consumer.check_alive()
+            if answered and split is None:
+                split = CpuSplit(consumer.pid, broker_pid, cpus)
+                split.start()
             if time.monotonic() - started > 1800:
                 raise TimeoutError("pre-filled run did not finish within 30 min")
             await asyncio.sleep(0.05)
+        cpu = split.stop() if split is not None else None
         reader.assign(partitions)
         await reader.seek_to_beginning(*partitions)
         dispatched: list[float] = []
@@ -240,6 +257,7 @@ async def run_prefilled(
         "seconds": span_s,
         "errors": errors,
         "compute_ms_p50": percentile(compute_ms, 50),
+        "cpu": cpu,
     }
 
 
@@ -327,6 +345,8 @@ async def run_variant(
     warmup: int,
     workdir: Path,
     children: Children,
+    broker_pid: int | None = None,
+    cpus: int = 1,
 ) -> dict[str, Any]:
     inputs = matrices(shape)
     topics = _topics(shape.label, variant.name)
@@ -337,7 +357,9 @@ async def run_variant(
     out: dict[str, Any] = {"env": variant.env, "tree": str(variant.tree or REPO)}
     try:
         created = await _prefill(bootstrap, topics.requests, inputs, count)
-        out["prefilled"] = await run_prefilled(bootstrap, consumer, topics, created)
+        out["prefilled"] = await run_prefilled(
+            bootstrap, consumer, topics, created, broker_pid, cpus
+        )
         await consumer.wait_ready()
         out["sdk"] = await run_sdk(bootstrap, topics, inputs, count, warmup)
         # Half the better measured rate, but never above half the ceiling: on a noisy machine a

@@ -157,6 +157,50 @@ class TreeMemory:
             self._stop.wait(self.interval_s)
 
 
+# --- CPU time of the processes sharing the machine ---------------------------------------------
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` so far (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
+
+
+@dataclass
+class CpuSplit:
+    """Where the machine's CPU went between ``start()`` and ``stop()``: the consumer's own
+    process, its workers (every other descendant), the broker, and this benchmark process."""
+
+    consumer_pid: int
+    broker_pid: int | None
+    cpus: int
+
+    def _now(self) -> dict[str, float]:
+        tree = descendants(self.consumer_pid)
+        return {
+            "consumer": cpu_seconds(self.consumer_pid),
+            "workers": sum(cpu_seconds(p) for p in tree if p != self.consumer_pid),
+            "broker": cpu_seconds(self.broker_pid) if self.broker_pid else 0.0,
+            "bench": sum(os.times()[:2]),
+        }
+
+    def start(self) -> None:
+        self._started = time.monotonic()
+        self._first = self._now()
+
+    def stop(self) -> dict[str, float]:
+        """Each part's share of cpus x the wall time, and the wall time."""
+        last = self._now()
+        wall = max(1e-3, time.monotonic() - self._started)
+        shares = {k: (last[k] - self._first[k]) / (wall * self.cpus) for k in last}
+        return {**shares, "seconds": wall}
+
+
 def wait_for(condition: Callable[[], bool], timeout: float, what: str, step: float = 0.05) -> None:
     deadline = time.monotonic() + timeout
     while not condition():

@@ -16,6 +16,7 @@ HEADER = (
     "p50/p99 ms",
     "added p50 ms",
     "peak RSS (PSS) MiB",
+    "prefilled CPU % workers/consumer/broker",
 )
 
 
@@ -37,6 +38,13 @@ def _ratio(part: dict[str, Any] | None, ceiling: float) -> str:
 
 def _ms(value: float | None) -> str:
     return "-" if value is None else (f"{value:.1f}" if value < 100 else f"{value:.0f}")
+
+
+def _cpu(prefilled: dict[str, Any] | None) -> str:
+    cpu = (prefilled or {}).get("cpu")
+    if not cpu:
+        return "-"
+    return "/".join(f"{100 * cpu[k]:.0f}" for k in ("workers", "consumer", "broker"))
 
 
 def rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
@@ -71,6 +79,7 @@ def rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
                     f"{_ms(latency.get('p50_ms'))}/{_ms(latency.get('p99_ms'))}",
                     _ms(latency.get("added_p50_ms")),
                     peak,
+                    _cpu(variant.get("prefilled")),
                 )
             )
     return out

@@ -188,12 +188,13 @@ class ShmBlock(_Mapped):
         self._segment: _Segment | None = segment
         self._cache = cache
 
-    def close(self) -> None:
+    def close(self, *, reuse: bool = True) -> None:
+        """Give the segment back to the cache, or (``reuse=False``, or no cache) unlink it."""
         segment, self._segment = self._segment, None
         self._mmap = None  # no new views; live ones keep the mapping (see _exported)
         if segment is None:
             return
-        if self._cache is not None:
+        if self._cache is not None and reuse:
             self._cache.give_back(segment)
         else:
             segment.destroy()

@@ -201,8 +201,8 @@ class PreparedJob:
             return None
         return _readonly(self.block.array(region, shape))
 
-    def close(self) -> None:
-        self.block.close()
+    def close(self, *, reuse: bool = True) -> None:
+        self.block.close(reuse=reuse)
 
     def __enter__(self) -> Self:
         return self
@@ -213,7 +213,9 @@ class PreparedJob:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.close()
+        # A job that failed may have had its worker killed (timeout, cancellation): a process
+        # being killed can still write for a moment, so its segment never serves another job.
+        self.close(reuse=exc_type is None)
 
 
 def prepare_job(

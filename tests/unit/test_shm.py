@@ -193,6 +193,14 @@ def test_cache_keeps_within_its_limits_and_evicts_the_oldest() -> None:
     assert not (SHM_DIR / late.descriptor.name).exists()
 
 
+def test_a_block_closed_without_reuse_is_unlinked() -> None:
+    cache = SegmentCache(max_bytes=1 << 20)
+    block = _vector_block(cache, 16)
+    block.close(reuse=False)  # e.g. its job failed: its worker may have been mid-write
+    assert cache.idle_names == []
+    assert not (SHM_DIR / block.descriptor.name).exists()
+
+
 def test_cache_of_zero_bytes_keeps_nothing() -> None:
     cache = SegmentCache(max_bytes=0)
     with _vector_block(cache, 16) as block:
@@ -292,3 +300,18 @@ def test_tracker_unlinks_blocks_of_a_killed_parent(tmp_path: Path, state: str) -
     assert name.startswith(segment_prefix(int(pid)))
     _wait_until(lambda: not (SHM_DIR / name).exists())
     assert "leaked shared_memory" in result.stderr
+
+
+def test_a_failed_job_never_gives_its_segment_back() -> None:
+    from consumer.worker import SvdTask, prepare_job
+
+    cache = SegmentCache(max_bytes=1 << 20)
+    with pytest.raises(RuntimeError), prepare_job([SvdTask(np.ones((4, 4)))], cache=cache) as job:
+        failed = job.block.descriptor.name
+        raise RuntimeError("the worker was killed")  # as pool.run raises on a crash or timeout
+    assert cache.idle_names == []
+    assert not (SHM_DIR / failed).exists()
+    with prepare_job([SvdTask(np.ones((4, 4)))], cache=cache) as job:
+        succeeded = job.block.descriptor.name
+    assert cache.idle_names == [succeeded]
+    cache.close()
