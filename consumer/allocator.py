@@ -12,14 +12,19 @@ the way in. Two glibc defaults make that slow or fat:
 
 So large buffers come from the heap (the threshold is raised to ``MMAP_THRESHOLD``), and
 ``release_free_memory`` (``malloc_trim``) hands the free pages back, from the whole heap and
-not only its top, every ``SVD_ALLOCATOR_TRIM_INTERVAL_S`` (tests/faults/test_backlog_memory.py).
-Best effort: both are no-ops where glibc is not the allocator (musl, macOS).
+not only its top, once the process has grown ``SVD_ALLOCATOR_KEEP_BYTES`` past its size after
+the last trim; the service checks every ``SVD_ALLOCATOR_TRIM_INTERVAL_S``
+(tests/faults/test_backlog_memory.py). Not at every check: pages handed back are faulted in and
+zeroed again by the next copies, and trimming every 0.1 s cost a quarter of the throughput at
+256x256.
+Best effort: all of it is a no-op where glibc is not the allocator (musl, macOS).
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import os
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -27,6 +32,7 @@ log = logging.getLogger(__name__)
 #: Blocks from this size up are mmapped: above any request or result the limits allow (64 MiB).
 MMAP_THRESHOLD = 64 * 1024 * 1024
 _M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 _libc: Any = None  # None: not looked up yet; False: not glibc
 
@@ -59,3 +65,34 @@ def release_free_memory() -> bool:
     if libc is None:
         return False
     return bool(libc.malloc_trim(0))
+
+
+def resident_bytes() -> int:
+    """This process's resident set size."""
+    with open("/proc/self/statm", "rb") as statm:
+        return int(statm.read().split()[1]) * _PAGE_SIZE
+
+
+class HeapTrimmer:
+    """Trims the heap once memory no request holds has grown ``keep_bytes`` since the last trim.
+
+    Held is the process's resident size minus what the requests in flight hold (``live_bytes``,
+    the in-flight budget's count). Growth of the rest, not glibc's count of free bytes, is the
+    trigger: glibc counts pages it already handed back as free, and a steady working set reuses
+    its freed buffers without growing, so it is never trimmed (and never pays the page faults
+    again), while a backlog that keeps allocating is.
+    """
+
+    def __init__(self, keep_bytes: int) -> None:
+        self._keep_bytes = keep_bytes
+        self._floor = resident_bytes()
+        self.trims = 0
+
+    def check(self, live_bytes: int = 0) -> bool:
+        """Trim if the memory not held by requests grew past the allowance; True if trimmed."""
+        if resident_bytes() - live_bytes - self._floor <= self._keep_bytes:
+            return False
+        release_free_memory()
+        self._floor = resident_bytes() - live_bytes
+        self.trims += 1
+        return True

@@ -438,9 +438,10 @@ class SvdService:
 
     async def _trim_every(self, interval_s: float) -> None:
         # Large buffers come from the heap (consumer/allocator.py); this gives freed ones back.
+        trimmer = allocator.HeapTrimmer(self.settings.allocator_keep_bytes)
         while True:
             await asyncio.sleep(interval_s)
-            allocator.release_free_memory()
+            trimmer.check(live_bytes=self.inflight.bytes)
 
     # -- shutdown ------------------------------------------------------------------------------
     async def _shutdown(self, started: float) -> Summary:

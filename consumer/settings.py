@@ -120,6 +120,11 @@ class ConsumerSettings(BaseSettings):
     allocator_trim_interval_s: float = Field(
         default=0.1, ge=0, description="free heap memory returned to the OS this often (0: never)"
     )
+    allocator_keep_bytes: int = Field(
+        default=64 * MIB,
+        ge=0,
+        description="growth allowed before the heap is trimmed (0: trim at every check)",
+    )
     shm_cache_bytes: int = Field(
         default=64 * MIB, ge=0, description="idle shared memory kept for reuse (0: none)"
     )

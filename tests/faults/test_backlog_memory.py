@@ -35,6 +35,7 @@ BACKLOG_BYTES = 1040 * MIB  # over 1 GiB
 BUDGET_BYTES = 64 * MIB
 FETCH_MAX_BYTES = 16 * MIB
 SHM_CACHE_BYTES = 16 * MIB
+ALLOCATOR_KEEP_BYTES = 32 * MIB
 # The stated fixed overhead, on top of the idle tree (measured) and the byte budget:
 # - fetched records outside the budget: one fetch response as received, and the records parsed
 #   out of it that wait (in aiokafka, or held by the service) until they fit: 2 x fetch;
@@ -42,13 +43,16 @@ SHM_CACHE_BYTES = 16 * MIB
 #   by the service and by its worker, and the producer copies each answer into its batch:
 #   half the budget (the stages of the requests in flight never all peak at once);
 # - idle shared-memory segments kept for reuse: SVD_SHM_CACHE_BYTES;
+# - heap growth allowed between trims: SVD_ALLOCATOR_KEEP_BYTES (consumer/allocator.py);
 # - allocator and interpreter slack: 32 MiB.
-# Measured here: the tree grows by about 140 MiB over idle (PSS by about 130), within 64 + 112.
-# With glibc's defaults it grew by 215 MiB: freed 2 MiB buffers were kept on the heap. With
-# large buffers on the heap and trimmed (consumer/allocator.py) every second, by 212 MiB; every
-# 0.1 s (the default), by 138 MiB. Mmapping every large buffer instead (before) kept it to 80 MiB, at a tenth of the
-# copy speed.
-FIXED_OVERHEAD_BYTES = 2 * FETCH_MAX_BYTES + BUDGET_BYTES // 2 + SHM_CACHE_BYTES + 32 * MIB
+# Measured here: the tree grows by about 170 MiB over idle (PSS by about 160), within 64 + 144.
+# With glibc's defaults it grew by 215 MiB: freed 2 MiB buffers were kept on the heap. Mmapping
+# every large buffer (the service did, before consumer/allocator.py) kept it to 80 MiB, at a
+# tenth of the copy speed; trimming the heap every 0.1 s, to 138 MiB, at a quarter of the
+# throughput at 256x256.
+FIXED_OVERHEAD_BYTES = (
+    2 * FETCH_MAX_BYTES + BUDGET_BYTES // 2 + SHM_CACHE_BYTES + ALLOCATOR_KEEP_BYTES + 32 * MIB
+)
 
 
 def _backlog(seed: int, ids: list[str]) -> Iterator[codec.EncodedMessage]:
@@ -70,7 +74,7 @@ async def test_a_gigabyte_backlog_stays_within_the_byte_budget(
     settings: dict[str, object] = {
         "group_id": group, "pool_size": 2, "blas_threads": 1,
         "max_inflight_bytes": BUDGET_BYTES, "fetch_max_bytes": FETCH_MAX_BYTES,
-        "shm_cache_bytes": SHM_CACHE_BYTES,
+        "shm_cache_bytes": SHM_CACHE_BYTES, "allocator_keep_bytes": ALLOCATOR_KEEP_BYTES,
     }  # fmt: skip
 
     # The idle footprint of the same configuration, before there is anything to read.

@@ -41,3 +41,35 @@ def test_large_buffers_come_from_the_heap_and_trims_give_them_back() -> None:
     before, after = map(int, result.stdout.split())
     # Freed but kept by the heap until the trim: over 100 MiB; given back by it.
     assert before - after > 100, (before, after)
+
+
+TRIMMER_SCRIPT = textwrap.dedent(
+    """
+    from consumer import allocator
+
+    allocator.tune()
+    trimmer = allocator.HeapTrimmer(keep_bytes=32 << 20)
+    small = [bytearray(2 << 20) for _ in range(8)]  # 16 MiB: within the allowance
+    del small[:-1]
+    assert not trimmer.check()
+    big = [bytearray(2 << 20) for _ in range(64)]  # 128 MiB more, freed below a live top
+    del big[:-1]
+    # Still held by requests in flight (as the service counts them): not trimmed.
+    assert not trimmer.check(live_bytes=256 << 20)
+    before = allocator.resident_bytes()
+    assert trimmer.check()  # held by nothing: trimmed
+    after = allocator.resident_bytes()
+    assert not trimmer.check()  # and the allowance counts from there
+    print(trimmer.trims, (before - after) >> 20)
+    """
+)
+
+
+def test_the_trimmer_trims_growth_no_request_holds_and_only_that() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", TRIMMER_SCRIPT], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    trims, released_mib = map(int, result.stdout.split())
+    assert trims == 1
+    assert released_mib > 100
