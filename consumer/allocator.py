@@ -31,7 +31,10 @@ log = logging.getLogger(__name__)
 
 #: Blocks from this size up are mmapped: above any request or result the limits allow (64 MiB).
 MMAP_THRESHOLD = 64 * 1024 * 1024
-_M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
+#: The top of the heap is never trimmed by free() itself: ``HeapTrimmer`` decides.
+TRIM_THRESHOLD = 1 << 30
+_M_TRIM_THRESHOLD = -1  # from glibc's malloc.h
+_M_MMAP_THRESHOLD = -3
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 _libc: Any = None  # None: not looked up yet; False: not glibc
@@ -55,8 +58,12 @@ def tune() -> bool:
     libc = _glibc()
     if libc is None:
         return False
-    # mallopt returns 1 on success.
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    # mallopt returns 1 on success. Setting the mmap threshold stops glibc from adjusting the
+    # trim threshold, which then stays at 128 KiB: every large buffer freed at the top of the
+    # heap would be handed back at once and faulted in again by the next one.
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
+        libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    )
 
 
 def release_free_memory() -> bool:
