@@ -50,6 +50,10 @@ async def test_killed_and_segfaulting_workers_are_retried_then_dead_lettered(
         kafka_bootstrap, topics, tmp_path / "svc.log",
         pool_size=2, blas_threads=1, enable_test_faults="true", max_attempts=max_attempts,
         retry_backoff_s=0.05, task_timeout_s=120,
+        # No idle segments kept for reuse, so any segment still there while the service runs
+        # was left by a crashed task (a failed job's segment is never cached anyway: unit-tested
+        # in tests/unit/test_shm.py).
+        shm_cache_bytes=0,
     )  # fmt: skip
     faults = {"kill_once": 3, "segfault_once": 3, "kill": 1, "segfault": 1}
     injected: dict[str, str] = {}  # request id -> fault
@@ -98,6 +102,7 @@ async def test_killed_and_segfaulting_workers_are_retried_then_dead_lettered(
             tally = await reader.read_to_end()
         assert service.proc is not None and service.proc.poll() is None, "the service died"
         leftover_shm = procs.shm_segments(service.pid)
+    leftover_shm += procs.shm_segments(service.pid)  # and none after the stop
 
     counts = tally.report(len(expected) + len(after), expected | set(after))
     line = fault_report(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,14 @@ def _requests(
     return ids, messages
 
 
+def _answered_by(reader: AnswerReader, instance_id: str) -> bool:
+    return any(
+        r.meta.worker.instance_id == instance_id
+        for rs in reader.answers.results.values()
+        for r in rs
+    )
+
+
 def _poison(count: int) -> list[tuple[bytes, bytes, list[tuple[str, bytes]]]]:
     return [
         (f"poison-{i}".encode(), b"\x00garbage", [("content-type", b"application/json")])
@@ -75,7 +84,9 @@ async def test_a_member_killed_during_a_rebalance_gives_no_duplicates(
     kafka_bootstrap: str, topics: TopicSettings, tmp_path: Path
 ) -> None:
     ids, messages = _requests(160, seed=12)
-    await produce(kafka_bootstrap, topics.requests, messages)
+    # A first part for a alone; the rest once b has joined, so both members have work whatever
+    # a's speed (a alone could otherwise answer everything before b commits anything).
+    await produce(kafka_bootstrap, topics.requests, messages[:40])
     settings = {**EOS, "pool_size": 1, "max_inflight": 4, "group_id": f"g-{topics.requests}"}
     async with AnswerReader(kafka_bootstrap, topics, isolation_level="read_committed") as reader:
         with ServiceProcess(
@@ -87,7 +98,10 @@ async def test_a_member_killed_during_a_rebalance_gives_no_duplicates(
                 kafka_bootstrap, topics, tmp_path / "b.log", instance_id="b", **settings
             ).start()
             b.wait_for_log("transactional producers ready")  # b joined and took partitions
-            while len(reader.answers.answered()) < 60:
+            await produce(kafka_bootstrap, topics.requests, messages[40:])
+            deadline = time.monotonic() + 120
+            while not _answered_by(reader, "b"):  # b committed answers of its own
+                assert time.monotonic() < deadline, "b committed no answer within 120 s"
                 await reader.poll()
             b.kill()  # b's open transactions are aborted when a takes its partitions back
             await reader.collect(ids, timeout=180)
