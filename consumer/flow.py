@@ -1,7 +1,8 @@
 """Backpressure: the in-flight budget (requests and bytes) and the pause/resume decision.
 
-The budget is admitted against, never queued on: a record that does not fit is handed back to
-Kafka (the caller seeks to it and pauses), so in-flight memory never grows past the budget
+The budget is admitted against, never queued on: a record that does not fit waits, held by the
+service with the rest of its fetch (at most one fetch: consumer/service.py), and the partitions
+pause when nothing finishes within a poll, so in-flight memory never grows past the budget
 whatever the backlog. Resuming waits for a low watermark so partitions do not flap.
 """
 
