@@ -15,6 +15,7 @@ HEADER = (
     "sdk÷celery",
     "p50/p99 ms",
     "added p50 ms",
+    "added p50 ms at 1/20 load",
     "peak RSS (PSS) MiB",
     "prefilled CPU % workers/consumer/broker",
 )
@@ -78,6 +79,7 @@ def rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
                     versus,
                     f"{_ms(latency.get('p50_ms'))}/{_ms(latency.get('p99_ms'))}",
                     _ms(latency.get("added_p50_ms")),
+                    _ms((variant.get("latency_low") or {}).get("added_p50_ms")),
                     peak,
                     _cpu(variant.get("prefilled")),
                 )
