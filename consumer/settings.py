@@ -118,7 +118,7 @@ class ConsumerSettings(BaseSettings):
         default=256 * 1024, ge=0, description="matrices up to this size are micro-batched"
     )
     allocator_trim_interval_s: float = Field(
-        default=0.1, ge=0, description="free heap memory returned to the OS this often (0: never)"
+        default=0.1, ge=0, description="how often heap growth is checked for a trim (0: never)"
     )
     allocator_keep_bytes: int = Field(
         default=64 * MIB,

@@ -54,8 +54,8 @@ class Computer:
     def __init__(self, settings: ConsumerSettings, pool: WorkerPool, metrics: Metrics) -> None:
         self._settings = settings
         self._pool = pool
-        # Idle segments for the next jobs; two per worker covers a batch being read back
-        # while the next one is prepared.
+        # Idle segments for the next jobs: a few per worker, as a batch is read back while the
+        # next is prepared and request sizes vary.
         self.segments = SegmentCache(settings.shm_cache_bytes, max_segments=4 * pool.size)
         self._batcher: Batcher[Encoded] = Batcher(
             pool,

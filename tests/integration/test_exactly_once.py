@@ -11,7 +11,7 @@ import pytest
 from consumer.work import TEST_FAULT_HEADER
 from localkafka import TopicSettings
 from schemas import codec
-from tests.support.kafka_io import AnswerReader, make_request, produce
+from tests.support.kafka_io import AnswerReader, Answers, make_request, produce
 from tests.support.service import ServiceProcess
 
 pytestmark = pytest.mark.kafka
@@ -41,12 +41,9 @@ def _requests(
     return ids, messages
 
 
-def _answered_by(reader: AnswerReader, instance_id: str) -> bool:
-    return any(
-        r.meta.worker.instance_id == instance_id
-        for rs in reader.answers.results.values()
-        for r in rs
-    )
+def _instances(answers: Answers) -> set[str]:
+    """The service instances that answered."""
+    return {r.meta.worker.instance_id for rs in answers.results.values() for r in rs}
 
 
 def _poison(count: int) -> list[tuple[bytes, bytes, list[tuple[str, bytes]]]]:
@@ -100,7 +97,7 @@ async def test_a_member_killed_during_a_rebalance_gives_no_duplicates(
             b.wait_for_log("transactional producers ready")  # b joined and took partitions
             await produce(kafka_bootstrap, topics.requests, messages[40:])
             deadline = time.monotonic() + 120
-            while not _answered_by(reader, "b"):  # b committed answers of its own
+            while "b" not in _instances(reader.answers):  # b committed answers of its own
                 assert time.monotonic() < deadline, "b committed no answer within 120 s"
                 await reader.poll()
             b.kill()  # b's open transactions are aborted when a takes its partitions back
@@ -110,4 +107,4 @@ async def test_a_member_killed_during_a_rebalance_gives_no_duplicates(
     report = answers.report(len(ids), ids)
     print(f"exactly_once, rebalance with a hard kill: {report}")
     assert answers.duplicates() == 0, report
-    assert {r.meta.worker.instance_id for rs in answers.results.values() for r in rs} == {"a", "b"}
+    assert _instances(answers) == {"a", "b"}
