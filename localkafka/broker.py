@@ -3,6 +3,11 @@
 State lives in a work directory: the generated configs, the log directory, ``broker.log`` and
 ``broker.json`` (pid and ports). Ports chosen on the first start are kept, so a restarted broker
 comes back where its clients expect it.
+
+The configs of a secure broker hold passwords (PLAIN users' JAAS lines, SCRAM credentials for
+``kafka-storage format``), so the work directory is 0700, every file that can hold a secret is
+created 0600, and no secret is ever an argument of a process: ``/proc/<pid>/cmdline`` is
+readable by every local user.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -107,7 +113,8 @@ class LocalBroker:
     The optional arguments add client listeners (SASL, TLS) for the security tests:
     ``extra_properties`` are written after (and override) the defaults, ``format_args`` are
     appended to ``kafka-storage format`` (e.g. ``--add-scram``), so they apply on the first
-    start of a work directory only. ``localkafka.security`` builds all three.
+    start of a work directory only. ``localkafka.security`` builds all three. Both may hold
+    passwords: they reach the JVM through owner-only files, never its command line.
     """
 
     def __init__(
@@ -150,6 +157,11 @@ class LocalBroker:
     def data_dir(self) -> Path:
         return self.workdir / "data"
 
+    @property
+    def format_args_file(self) -> Path:
+        """``kafka-storage format``'s arguments, while it runs (they may hold passwords)."""
+        return self.workdir / "format.args"
+
     # -- state ---------------------------------------------------------------------------------
     def _read_state(self) -> BrokerState | None:
         try:
@@ -189,22 +201,12 @@ class LocalBroker:
                 "Java is not installed: install OpenJDK 17+ (apt-get install openjdk-17-jre-headless)"
             )
         libs = ensure_jars(self.settings.libs_dir, self.settings.kafka_version)
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._make_workdir()
         port, controller_port = self._ports()
         extra_ports = self._extra_ports()
         config = self._write_configs(port, controller_port, extra_ports)
         self._format_storage(java, libs, config)
-
-        # 16 MiB G1 regions: with the default for this heap (1 MiB), every record batch over
-        # 512 KiB (a 256x256 request, any larger answer) is a "humongous" allocation, and the
-        # broker took half of the two CPUs at 256x256 pre-filled; with 16 MiB, a quarter
-        # (`python -m bench`, CPU column; docs/performance.md).
-        cmd = [
-            java, f"-Xms{min(256, self.settings.heap_mb)}m", f"-Xmx{self.settings.heap_mb}m",
-            "-XX:+UseG1GC", "-XX:G1HeapRegionSize=16m", "-Djava.awt.headless=true",
-            f"-Dlog4j2.configurationFile={self.workdir / 'log4j2.properties'}",
-            "-cp", f"{libs}/*", "kafka.Kafka", str(config),
-        ]  # fmt: skip
+        cmd = self._broker_command(java, libs, config)
         with self.log_file.open("ab") as log:
             self._proc = subprocess.Popen(
                 cmd,
@@ -230,6 +232,26 @@ class LocalBroker:
             return BrokerState(**json.loads(self.ports_file.read_text()))
         except (OSError, ValueError, TypeError):
             return self._read_state()  # a work directory from before ports.json existed
+
+    def _make_workdir(self) -> None:
+        """The work directory, private to its owner even when an earlier version made it 0755."""
+        self.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            self.workdir.chmod(0o700)
+        except OSError as exc:
+            raise BrokerError(f"cannot make {self.workdir} private (mode 0700): {exc}") from None
+
+    def _broker_command(self, java: str, libs: Path, config: Path) -> list[str]:
+        # 16 MiB G1 regions: with the default for this heap (1 MiB), every record batch over
+        # 512 KiB (a 256x256 request, any larger answer) is a "humongous" allocation, and the
+        # broker took half of the two CPUs at 256x256 pre-filled; with 16 MiB, a quarter
+        # (`python -m bench`, CPU column; docs/performance.md). Secrets stay in `config`.
+        return [
+            java, f"-Xms{min(256, self.settings.heap_mb)}m", f"-Xmx{self.settings.heap_mb}m",
+            "-XX:+UseG1GC", "-XX:G1HeapRegionSize=16m", "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={self.workdir / 'log4j2.properties'}",
+            "-cp", f"{libs}/*", "kafka.Kafka", str(config),
+        ]  # fmt: skip
 
     def _ports(self) -> tuple[int, int]:
         previous = self._previous()
@@ -292,7 +314,7 @@ class LocalBroker:
             **self.extra_properties,
         }
         config = self.workdir / "server.properties"
-        config.write_text("".join(f"{k}={_escape(v)}\n" for k, v in props.items()))
+        write_private(config, "".join(f"{k}={_escape(v)}\n" for k, v in props.items()))
         (self.workdir / "log4j2.properties").write_text(_LOG4J2)
         return config
 
@@ -309,15 +331,32 @@ class LocalBroker:
             raise BrokerError(
                 "kafka.tools.StorageTool random-uuid printed nothing; is the jar cache complete?"
             )
-        command = [*base, "format", "-t", cluster_id[-1], "-c", str(config), "--ignore-formatted"]
-        proc = subprocess.run(
-            [*command, *self.format_args],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        try:
+            proc = subprocess.run(
+                self._format_command(java, libs, config, cluster_id[-1]),
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+        finally:
+            # Formatted (the metadata log holds salted hashes now) or failed: either way, done.
+            self.format_args_file.unlink(missing_ok=True)
         if proc.returncode != 0:
             raise BrokerError(f"formatting {self.data_dir} failed:\n{proc.stdout}{proc.stderr}")
+
+    def _format_command(self, java: str, libs: Path, config: Path, cluster_id: str) -> list[str]:
+        """``kafka-storage format`` with its arguments (``--add-scram`` passwords) in a 0600 file.
+
+        The java launcher (JDK 9+) reads ``@file`` as more arguments; with the main class in the
+        file, the ones after it are the tool's own, so the process shows ``java ... @file`` only.
+        """
+        tool = [
+            "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config),
+            "--ignore-formatted", *self.format_args,
+        ]  # fmt: skip
+        self.format_args_file.unlink(missing_ok=True)  # left by a run that died before cleanup
+        write_java_args(self.format_args_file, tool)
+        return [java, "-Xmx256m", "-cp", f"{libs}/*", f"@{self.format_args_file}"]
 
     def _wait_ready(self, state: BrokerState) -> None:
         deadline = time.monotonic() + self.settings.start_timeout_s
@@ -393,6 +432,42 @@ class LocalBroker:
         """Stop and delete the work directory (ephemeral brokers of a test session)."""
         self.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def write_private(path: Path, text: str | bytes, *, replace: bool = True) -> None:
+    """Write a file only its owner can read (mode 0600 from its creation on).
+
+    ``replace``: write a new file and rename it over ``path``, so an older copy with a wider
+    mode is replaced rather than reused; otherwise ``path`` must not exist yet.
+    """
+    data = text.encode() if isinstance(text, str) else text
+    if not replace:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+        return
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # 0600, O_EXCL
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+        os.replace(name, path)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
+
+
+def write_java_args(path: Path, args: Sequence[str]) -> None:
+    """A new 0600 ``@file`` the java launcher reads back as exactly ``args``.
+
+    Each argument is double-quoted, which keeps spaces and ``#`` (a comment outside quotes);
+    inside quotes a backslash escapes the next character, and a line break would end the
+    argument, so it is written as an escape too.
+    """
+    lines = []
+    for arg in args:
+        escaped = arg.replace("\\", "\\\\").replace('"', '\\"')
+        lines.append('"' + escaped.replace("\n", "\\n").replace("\r", "\\r") + '"\n')
+    write_private(path, "".join(lines), replace=False)
 
 
 def _escape(value: str) -> str:

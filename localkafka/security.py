@@ -16,6 +16,10 @@ SCRAM credentials are written into the metadata log when the storage is formatte
 before the first client connects, with no admin call to race against. The broker reads its key
 and the CA from PEM files (KIP-651), so no Java keystore or ``keytool`` is involved.
 
+Passwords and keys stay readable by their owner only: ``LocalBroker`` keeps its configs in a
+0700 work directory as 0600 files and hands ``--add-scram`` to the JVM in a 0600 args file
+(deleted once the storage is formatted), never on a command line; private keys here are 0600.
+
 Needs the ``cryptography`` package (the project's ``dev`` extra), imported only by ``make_tls``.
 """
 
@@ -28,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from localkafka.broker import ExtraListener, LocalBroker
+from localkafka.broker import ExtraListener, LocalBroker, write_private
 from localkafka.settings import BrokerSettings, TopicSettings
 
 SASL = "SASL"  # SASL_PLAINTEXT
@@ -40,7 +44,7 @@ SCRAM_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-512")
 
 _SCRAM_LOGIN = "org.apache.kafka.common.security.scram.ScramLoginModule"
 _PLAIN_LOGIN = "org.apache.kafka.common.security.plain.PlainLoginModule"
-# Names and passwords go unquoted into `--add-scram 'SCRAM-SHA-256=[name=..,password=..]'` and
+# Names and passwords go unquoted into `--add-scram SCRAM-SHA-256=[name=..,password=..]` and
 # quoted into a JAAS line; this alphabet needs no escaping in either.
 _SAFE = re.compile(r"[A-Za-z0-9._-]+")
 
@@ -194,16 +198,10 @@ def make_tls(
         client_key_password=client_key_password,
     )
     files.ca_cert.write_bytes(pem(ca))
-    _write_private(files.broker_keystore, pkcs8(broker_key, None) + pem(broker) + pem(ca))
+    write_private(files.broker_keystore, pkcs8(broker_key, None) + pem(broker) + pem(ca))
     files.client_cert.write_bytes(pem(client))
-    _write_private(files.client_key, pkcs8(client_key, client_key_password))
+    write_private(files.client_key, pkcs8(client_key, client_key_password))
     return files
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    path.touch(mode=0o600)  # private keys: readable by their owner only, from the first byte
-    path.chmod(0o600)
-    path.write_bytes(data)
 
 
 def secure_listeners() -> list[ExtraListener]:
@@ -236,7 +234,10 @@ def secure_properties(users: Sequence[SaslUser], tls: TlsFiles) -> dict[str, str
 
 
 def scram_format_args(users: Sequence[SaslUser]) -> list[str]:
-    """``kafka-storage format`` arguments that create the users' SCRAM credentials."""
+    """``kafka-storage format`` arguments that create the users' SCRAM credentials.
+
+    They hold the passwords: ``LocalBroker`` passes them in an owner-only args file.
+    """
     args: list[str] = []
     for user in users:
         for mechanism in SCRAM_MECHANISMS:

@@ -1,15 +1,19 @@
-"""The local broker tooling: idempotent start, stale state, clear errors, clean stop."""
+"""The local broker tooling: idempotent start, stale state, clear errors, clean stop, and no
+password where another local user could read it."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from localkafka import BrokerError, BrokerSettings, LocalBroker
-from localkafka.broker import answers_metadata, is_alive
+from localkafka.broker import answers_metadata, is_alive, write_java_args
+from localkafka.security import SaslUser, scram_format_args
 
 pytestmark = pytest.mark.kafka
 
@@ -76,5 +80,35 @@ def test_a_restarted_broker_comes_back_on_its_ports(tmp_path: Path) -> None:
         broker.stop()
         again = broker.start(die_with_parent=True)
         assert (again.port, again.controller_port) == (first.port, first.controller_port)
+    finally:
+        broker.stop()
+
+
+def test_the_java_launcher_reads_an_args_file_back_unchanged(tmp_path: Path) -> None:
+    java = shutil.which("java")
+    if java is None:
+        pytest.skip("no java")
+    value = "a b\\c \\\\d \"e\" 'f' #g @h \\"
+    write_java_args(
+        tmp_path / "args", [f"-Dsvd.probe={value}", "-XshowSettings:properties", "-version"]
+    )
+    shown = subprocess.run([java, f"@{tmp_path / 'args'}"], capture_output=True, text=True).stderr
+    assert f"    svd.probe = {value}\n" in shown, shown
+
+
+def test_scram_passwords_reach_the_broker_through_private_files_only(tmp_path: Path) -> None:
+    user = SaslUser("carol", "carol-Pa55-word-6170")
+    broker = LocalBroker(workdir=tmp_path / "b", format_args=scram_format_args([user]))
+    state = broker.start(die_with_parent=True)
+    try:
+        assert user.password.encode() not in Path(f"/proc/{state.pid}/cmdline").read_bytes()
+        assert not broker.format_args_file.exists()  # deleted once the storage was formatted
+        assert broker.workdir.stat().st_mode & 0o777 == 0o700
+        assert (broker.workdir / "server.properties").stat().st_mode & 0o777 == 0o600
+        files = [path.read_bytes() for path in broker.workdir.rglob("*") if path.is_file()]
+        # The user exists (formatting read the args file) and the metadata log keeps only a
+        # salted hash of the password: no file holds it, the broker's log included.
+        assert any(user.name.encode() in data for data in files)
+        assert not any(user.password.encode() in data for data in files)
     finally:
         broker.stop()

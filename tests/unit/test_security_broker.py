@@ -25,6 +25,10 @@ from localkafka.security import (
 USERS = [SaslUser("alice", "alice-secret"), SaslUser("bob", "bob-secret")]
 
 
+def mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
 def properties(path: Path) -> dict[str, str]:
     lines = path.read_text().splitlines()
     return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
@@ -72,6 +76,51 @@ def test_scram_users_are_created_when_the_storage_is_formatted() -> None:
     ]  # fmt: skip
 
 
+def test_no_password_is_on_a_command_line_and_files_holding_one_are_private(
+    tmp_path: Path,
+) -> None:
+    broker = secure_broker(tmp_path / "broker", USERS, make_tls(tmp_path / "tls"))
+    broker._make_workdir()
+    config = broker._write_configs(9092, 9093, {SASL: 1001, SASL_SSL: 1002, MTLS: 1003})
+    libs = tmp_path / "libs"
+    format_argv = broker._format_command("/usr/bin/java", libs, config, "cluster-id")
+    broker_argv = broker._broker_command("/usr/bin/java", libs, config)
+    # /proc/<pid>/cmdline is readable by every local user: the java launcher reads the format
+    # tool's arguments from the file instead.
+    assert format_argv[-1] == f"@{broker.format_args_file}"
+    for argv in (format_argv, broker_argv):
+        for user in USERS:
+            assert user.password not in "\0".join(argv)
+    holding = {
+        path
+        for path in broker.workdir.rglob("*")
+        if all(user.password.encode() in path.read_bytes() for user in USERS)
+    }
+    assert holding == {config, broker.format_args_file}
+    assert mode(broker.workdir) == 0o700
+    assert {path: mode(path) for path in holding} == {path: 0o600 for path in holding}
+    assert "--add-scram" in broker.format_args_file.read_text()
+
+
+def test_a_workdir_made_by_an_older_version_becomes_private(tmp_path: Path) -> None:
+    broker = secure_broker(tmp_path / "broker", USERS, make_tls(tmp_path / "tls"))
+    broker.workdir.mkdir(mode=0o755)
+    old = broker.workdir / "server.properties"
+    old.write_text("listener.name.sasl.plain.sasl.jaas.config=old secrets\n")
+    old.chmod(0o644)
+    inode = old.stat().st_ino
+    broker._make_workdir()
+    config = broker._write_configs(9092, 9093, {SASL: 1001, SASL_SSL: 1002, MTLS: 1003})
+    assert config == old
+    assert (mode(broker.workdir), mode(config)) == (0o700, 0o600)
+    # Replaced, not rewritten in place: whoever opened the old file cannot read the new one.
+    assert config.stat().st_ino != inode and "old secrets" not in config.read_text()
+    assert sorted(path.name for path in broker.workdir.iterdir()) == [
+        "log4j2.properties",
+        "server.properties",
+    ]
+
+
 def test_extra_listener_ports_are_kept_across_restarts(tmp_path: Path) -> None:
     broker = LocalBroker(
         workdir=tmp_path, extra_listeners=[ExtraListener("SASL", "SASL_PLAINTEXT")]
@@ -112,4 +161,4 @@ def test_certificates_verify_the_way_the_clients_check_them(tmp_path: Path) -> N
     # The client key is encrypted; Python's ssl loads it with its password.
     context = ssl.create_default_context(cafile=tls.ca_cert)
     context.load_cert_chain(tls.client_cert, tls.client_key, password="key-pw")
-    assert oct(tls.client_key.stat().st_mode & 0o777) == "0o600"
+    assert mode(tls.client_key) == mode(tls.broker_keystore) == 0o600
