@@ -216,7 +216,7 @@ class SvdService:
         self.broker.ok()
         publisher = Publisher(self._producer, on_retry=m.publish_retries.inc)
         self._computer = Computer(s, self.pool, m)
-        reply_topics = ReplyTopics(self._list_topics, allowed=s.reply_topic_pattern)
+        reply_topics = ReplyTopics.from_settings(s, self._list_topics)
         self._handler = RequestHandler(s, self._computer, publisher, m, self._outbox, reply_topics)
         self._background.spawn(
             self._commit_every(s.commit_interval_s), name="committer", critical=True

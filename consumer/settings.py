@@ -7,6 +7,7 @@ milliseconds happen in one place (``kafka_*`` properties below).
 from __future__ import annotations
 
 import os
+import re
 import socket
 import ssl
 from pathlib import Path
@@ -77,7 +78,12 @@ class ConsumerSettings(BaseSettings):
     )
     producer_linger_s: float = Field(default=0.0, ge=0)
     reply_topic_pattern: str = Field(
-        default=".*", description="regex a request's reply_topic must match in full"
+        default=r"{results_topic}\..+",
+        description=(
+            "regex a request's reply_topic must match in full, besides results_topic; "
+            "{results_topic} stands for results_topic. Never the requests, dlq or internal "
+            "topics, whatever it says (consumer/reply_topics.py)"
+        ),
     )
     processing_guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
     transactional_id_prefix: str | None = Field(
@@ -170,6 +176,10 @@ class ConsumerSettings(BaseSettings):
         if self.ready_broker_window_s <= self.lag_interval_s:
             # An idle member talks to the broker only at each lag read: a shorter window flaps.
             raise ValueError("ready_broker_window_s must be above lag_interval_s")
+        try:  # at start, not at the first request that names a reply topic
+            re.compile(self.reply_topic_pattern)
+        except re.error as exc:
+            raise ValueError(f"reply_topic_pattern is not a valid regex: {exc}") from exc
         return self
 
     # -- security ------------------------------------------------------------------------------

@@ -71,6 +71,7 @@ class ClientSettings(BaseSettings):
         default=None,
         description=(
             "topic this client reads its answers from and names in every request's reply_topic; "
+            "the service accepts <results_topic>.<suffix> by default (SVD_REPLY_TOPIC_PATTERN); "
             "None: read the shared results_topic (see docs/sdk.md, 'Reply routing')"
         ),
     )

@@ -56,7 +56,7 @@ async def test_options_values_only_top_k_and_reply_topic(
 ) -> None:
     from localkafka import ensure_topics
 
-    reply_topic = f"{topics.results}-replies"
+    reply_topic = f"{topics.results}.replies"  # allowed by default: `<results topic>.<suffix>`
     await ensure_topics(kafka_bootstrap, topics, extra={reply_topic: 1})
     matrix = np.random.default_rng(2).standard_normal((40, 30))
     values_id, values_only = make_request(matrix, options={"compute_uv": False})

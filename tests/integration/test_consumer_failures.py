@@ -49,8 +49,10 @@ async def test_invalid_requests_get_an_error_result_and_a_dead_letter(
     )
     # A reply topic that does not exist must not stall the partition (retrying forever).
     nowhere_id, nowhere = make_request(
-        rng.standard_normal((3, 3)), reply_topic="no-such-topic-here"
+        rng.standard_normal((3, 3)), reply_topic=f"{topics.results}.no-such-topic"
     )
+    # Answered on the requests topic, a result would come back to the service as a request.
+    bounced_id, bounced = make_request(rng.standard_normal((3, 3)), reply_topic=topics.requests)
     garbage = b"\x00\xffnot a request at all"
     await produce(
         kafka_bootstrap,
@@ -63,6 +65,7 @@ async def test_invalid_requests_get_an_error_result_and_a_dead_letter(
             expired,
             (None, garbage, [("content-type", b"application/json")]),
             nowhere,
+            bounced,
         ],
     )
     expected_codes = {
@@ -71,10 +74,11 @@ async def test_invalid_requests_get_an_error_result_and_a_dead_letter(
         k_too_big_id: ErrorCode.INVALID_SCHEMA,
         expired_id: ErrorCode.EXPIRED,
         nowhere_id: ErrorCode.INVALID_SCHEMA,
+        bounced_id: ErrorCode.INVALID_SCHEMA,
     }
     with ServiceProcess(kafka_bootstrap, topics, tmp_path / "svc.log", pool_size=1) as service:
         async with AnswerReader(kafka_bootstrap, topics) as reader:
-            answers = await reader.collect({good_id, *expected_codes}, timeout=120, dead_letters=6)
+            answers = await reader.collect({good_id, *expected_codes}, timeout=120, dead_letters=7)
     assert good_id in answers.results
     for request_id, code in expected_codes.items():
         (error,) = answers.errors[request_id]
@@ -87,8 +91,9 @@ async def test_invalid_requests_get_an_error_result_and_a_dead_letter(
     assert by_code[ErrorCode.UNKNOWN_OPTION].value == bad_option
     assert by_code[ErrorCode.UNKNOWN_OPTION].meta.source_topic == topics.requests
     assert "does not exist" in answers.errors[nowhere_id][0].message
+    assert "not allowed" in answers.errors[bounced_id][0].message
     # Bad input is answered and committed past, never retried: one dead letter each.
-    assert len(answers.dead_letters) == 6
+    assert len(answers.dead_letters) == 7
     assert "Traceback" not in service.log()
 
 

@@ -145,7 +145,8 @@ async def test_every_request_carries_its_deadline_and_creation_time(
 
 
 async def test_a_client_with_its_own_reply_topic(served: ServedTopics) -> None:
-    reply_topic = f"sdk-replies-{uuid.uuid4().hex[:8]}"
+    # `<results topic>.<suffix>`: the names the service answers on by default.
+    reply_topic = f"{served.topics.results}.sdk-{uuid.uuid4().hex[:8]}"
     a = RNG.standard_normal((9, 9))
     async with (
         client_for(served) as shared,
