@@ -74,7 +74,9 @@ _BY_CODE: dict[ErrorCode, type[SvdError]] = {
     ErrorCode.JSON_TOO_DEEP: SvdInvalidRequest,
     ErrorCode.MESSAGE_TOO_LARGE: SvdInvalidRequest,
     ErrorCode.INVALID_SPARSE: SvdInvalidRequest,
+    ErrorCode.UNREADABLE_RECORD: SvdInvalidRequest,  # never answered: no request id is left
     ErrorCode.SVD_FAILED: SvdComputeError,
+    ErrorCode.RESULT_OVERFLOW: SvdComputeError,
     ErrorCode.TIMEOUT: SvdComputeError,
     ErrorCode.WORKER_CRASHED: SvdComputeError,
     ErrorCode.EXPIRED: SvdExpired,

@@ -8,6 +8,7 @@ from typing import Any, TypeAlias
 import numpy as np
 import numpy.typing as npt
 
+from schemas._validation import JSON_TYPE_NAMES
 from schemas.errors import ContractError, ErrorCode
 from schemas.models import Dtype
 
@@ -17,14 +18,6 @@ WIRE_DTYPES: dict[str, np.dtype[Any]] = {"float32": np.dtype("<f4"), "float64": 
 
 # Bounds the temporary boolean array of the finiteness check (1 byte per element checked).
 _FINITE_CHUNK = 1 << 20
-
-_JSON_TYPE_NAMES = {
-    bool: "true/false",
-    str: "a string",
-    type(None): "null",
-    list: "an array",
-    dict: "an object",
-}
 
 
 def dtype_name(array: np.ndarray[Any, Any]) -> Dtype:
@@ -51,7 +44,7 @@ def from_json_numbers(
     # orjson yields int and float only for JSON numbers (huge integers become float).
     odd = set(map(type, data)) - {float, int}
     if odd:
-        names = ", ".join(sorted(_JSON_TYPE_NAMES.get(t, t.__name__) for t in odd))
+        names = ", ".join(sorted(JSON_TYPE_NAMES.get(t, t.__name__) for t in odd))
         raise ContractError(
             ErrorCode.INVALID_SCHEMA,
             f"{what}.data must contain only numbers, found {names}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, TypeVar
 
 import orjson
@@ -14,37 +15,166 @@ from schemas.models import MATRIX_TAGS, SUPPORTED_SCHEMA_VERSIONS, SvdOptions
 M = TypeVar("M", bound=BaseModel)
 
 _CONTAINERS = frozenset({list, dict})
+#: How a message names the type of a parsed JSON value that is not a number.
+JSON_TYPE_NAMES: dict[type, str] = {
+    bool: "a boolean",
+    str: "a string",
+    type(None): "null",
+    list: "an array",
+    dict: "an object",
+}
 _KNOWN_OPTIONS = ", ".join(SvdOptions.model_fields)
 
 
-def load_json_object(data: bytes | bytearray | memoryview, what: str) -> dict[str, Any]:
-    """Parse JSON that must be an object. orjson caps nesting at 1024 itself, so the parser's
-    stack is safe; our (much lower) depth limit is enforced afterwards by check_structure."""
+_DEFAULT_LIMITS = DecodeLimits()
+_COUNT_CONTAINERS_ABOVE_BYTES = 1 << 20
+_SLACK = 4
+_NOT_STRUCTURAL = bytes(b for b in range(256) if b not in b"[{:")
+
+
+def load_json_object(
+    data: bytes | bytearray | memoryview, what: str, limits: DecodeLimits | None = None
+) -> dict[str, Any]:
+    """Parse JSON that must be an object, with no key twice in any object. orjson caps nesting
+    at 1024 itself, so the parser's stack is safe; our (much lower) depth limit is enforced
+    afterwards by check_structure."""
+    limits = limits or _DEFAULT_LIMITS
+    if len(data) > _COUNT_CONTAINERS_ABOVE_BYTES:
+        # Millions of tiny arrays, objects or keys take orjson many times longer per byte than
+        # numbers do. One byte scan counts the brackets, braces and colons (those inside strings
+        # too, hence the slack) and refuses such a value before it is parsed; check_structure
+        # and the key scan then count exactly.
+        structural = _as_bytes(data).translate(None, _NOT_STRUCTURAL)
+        keys = structural.count(b":")
+        if len(structural) - keys > _SLACK * limits.max_json_containers:
+            raise ContractError(
+                ErrorCode.INVALID_SCHEMA,
+                f"{what} holds about {len(structural) - keys} objects and arrays; a message "
+                "needs a few dozen",
+            )
+        if keys > _SLACK * limits.max_json_keys:
+            raise ContractError(
+                ErrorCode.INVALID_SCHEMA,
+                f"{what} holds about {keys} object keys; a message needs a few dozen",
+            )
     try:
         obj = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
-        raise _json_error(exc, data, what) from exc
+        raise _json_error(exc, what) from exc
+    _check_unique_keys(data, what, limits.max_json_keys)
     if type(obj) is not dict:
         raise ContractError(ErrorCode.INVALID_SCHEMA, f"{what} must be a JSON object")
     return obj
 
 
-def _json_error(
-    exc: orjson.JSONDecodeError, data: bytes | bytearray | memoryview, what: str
-) -> ContractError:
+def _json_error(exc: orjson.JSONDecodeError, what: str) -> ContractError:
     text = str(exc)
     if "depth limit" in text or "recursion limit" in text:
         return ContractError(ErrorCode.JSON_TOO_DEEP, f"{what} is nested too deeply: {text}")
-    # JSON has no NaN or Infinity; a producer that writes them (Python's json module does by
-    # default) is told about the values, not about a syntax error.
-    around = bytes(memoryview(data)[max(exc.pos - 16, 0) : exc.pos + 16])
-    if "is infinity" in text or b"NaN" in around or b"Infinity" in around:
+    where = f"line {exc.lineno} column {exc.colno}"
+    if "is infinity" in text:
         return ContractError(
-            ErrorCode.NON_FINITE, f"{what} contains NaN or Infinity, which is not accepted"
+            ErrorCode.NON_FINITE, f"{what}: the number at {where} is beyond the range of a double"
+        )
+    # JSON has no NaN or Infinity; a producer that writes them (Python's json module does by
+    # default, C's printf writes nan and inf) is told about the values, not about a syntax error.
+    literal = _non_finite_literal(exc.doc, exc.pos)
+    if literal is not None:
+        return ContractError(
+            ErrorCode.NON_FINITE,
+            f"{what} contains {literal} at {where}: JSON has no NaN or Infinity, and only finite "
+            "numbers are accepted",
         )
     if "UTF-8" in text:
         return ContractError(ErrorCode.INVALID_ENCODING, f"{what} is not valid UTF-8: {text}")
     return ContractError(ErrorCode.INVALID_ENCODING, f"{what} is not valid JSON: {text}")
+
+
+# What producers write for a non-finite number: NaN and Infinity (JavaScript, Python's json), nan
+# and inf (C's printf), with a sign or a NaN payload, or MSVC's 1.#INF and 1.#QNAN.
+_NON_FINITE = re.compile(
+    r"[+-]?(?:nan(?:\(\w*\))?|inf(?:inity)?|\d\.#(?:inf|ind|q?nan|snan)\d*)", re.IGNORECASE
+)
+# A bare token: what lies between JSON's delimiters.
+_TOKEN = re.compile(r"[^\s,\[\]{}:]+")
+
+
+def _non_finite_literal(doc: str, pos: int) -> str | None:
+    """The non-finite number orjson stopped at (pos counts characters of doc, the decoded text),
+    if it stands where a value can; None for any other syntax error."""
+    # orjson stops at the literal's first letter, or just after its sign, or at MSVC's "#": look
+    # a little either side for the token that covers pos.
+    near = _TOKEN.finditer(doc, max(pos - 32, 0), pos + 32)
+    token = next((t for t in near if t.end() > pos), None)
+    if token is None or token.start() > pos or not _NON_FINITE.fullmatch(token[0]):
+        return None
+    # A value follows "[", "," or ":" and precedes ",", "]" or "}"; elsewhere the literal is only
+    # a symptom (a missing colon or comma, an unquoted key) and the syntax error is the news.
+    before = doc[max(token.start() - 4096, 0) : token.start()].rstrip()[-1:]
+    after = doc[token.end() : token.end() + 4096].lstrip()[:1]
+    if before in ("", "[", ",", ":") and after in ("", ",", "]", "}"):
+        return token[0]
+    return None
+
+
+# A run of strings with only scalars, commas and brackets between them (no brace, no colon): group
+# 1 is its first string, group 2 its last if there are several, group 3 the colon that follows
+# when the last one is an object key. Outside strings, a quote always opens one in valid JSON, so
+# matching from left to right stays in step with the document. Every match starts with a quote,
+# which the regex engine finds at memchr speed: a matrix of numbers between two strings costs
+# almost nothing, and an array of strings is one match, not one Python step per string.
+_STRING = rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"'
+_STRING_RUN = re.compile(rb'(%s)(?:[^"{}:]*+(%s))*+(\s*+:)?' % (_STRING, _STRING))
+
+
+def _check_unique_keys(data: bytes | bytearray | memoryview, what: str, max_keys: int) -> None:
+    """Reject an object that holds a key twice. orjson keeps the last one silently, so a message
+    could mean one thing to the service and another to a reader that keeps the first.
+
+    Only for bytes orjson has accepted: the scan relies on them being valid JSON.
+    """
+    text = _as_bytes(data)
+    objects: list[set[bytes]] = []  # the keys seen so far in each open object, innermost last
+    end = 0
+    count = 0
+    for run in _STRING_RUN.finditer(text):
+        start = run.start()
+        # Between two runs there are no strings, hence no keys: a brace opened and closed there is
+        # an empty object, and the only one that can stay open is the object whose first key
+        # comes next. So the braces of a gap amount to some closes, then at most one open.
+        last_open, last_close = text.rfind(b"{", end, start), text.rfind(b"}", end, start)
+        if last_close >= 0:
+            opens = text.count(b"{", end, start) if last_open >= 0 else 0
+            closed = text.count(b"}", end, start) - opens + (last_open > last_close)
+            del objects[len(objects) - closed :]
+        if last_open > last_close:
+            objects.append(set())
+        end = run.end()
+        if run.start(3) >= 0:
+            count += 1
+            if count > max_keys:  # each key costs a Python step: bound the scan
+                raise ContractError(
+                    ErrorCode.INVALID_SCHEMA,
+                    f"{what} has more than {max_keys} object keys; a message needs a few dozen",
+                )
+            key = run[2] or run[1]
+            if b"\\" in key:  # one key has several spellings ("a", "\u0061"): compare meanings
+                key = orjson.dumps(orjson.loads(key))
+            keys = objects[-1]
+            if key in keys:
+                name = orjson.loads(key)
+                raise ContractError(
+                    ErrorCode.INVALID_ENCODING,
+                    f"{what}: key {_shorten(name)!r} appears twice in one object",
+                )
+            keys.add(key)
+
+
+def _as_bytes(data: bytes | bytearray | memoryview) -> bytes:
+    # The codec hands over a memoryview of the record's bytes object: search that, not a copy.
+    if type(data) is memoryview and type(data.obj) is bytes and data.nbytes == len(data.obj):
+        return data.obj
+    return bytes(data)
 
 
 def check_structure(root: dict[str, Any], limits: DecodeLimits, what: str) -> None:
@@ -54,6 +184,7 @@ def check_structure(root: dict[str, Any], limits: DecodeLimits, what: str) -> No
     Callers take the bulk numeric arrays out first; they are type-checked when converted.
     """
     stack: list[tuple[Any, int]] = [(root, 1)]
+    seen = 1
     while stack:
         node, depth = stack.pop()
         if depth > limits.max_json_depth:
@@ -74,7 +205,15 @@ def check_structure(root: dict[str, Any], limits: DecodeLimits, what: str) -> No
             continue
         else:
             children = node
-        stack.extend((child, depth + 1) for child in children if type(child) in _CONTAINERS)
+        inner = [child for child in children if type(child) in _CONTAINERS]
+        seen += len(inner)
+        if seen > limits.max_json_containers:
+            raise ContractError(
+                ErrorCode.INVALID_SCHEMA,
+                f"{what} holds more than {limits.max_json_containers} objects and arrays; a "
+                "message needs a few dozen",
+            )
+        stack.extend((child, depth + 1) for child in inner)
 
 
 def peek_request_id(obj: object) -> str | None:
@@ -101,27 +240,52 @@ def check_schema_version(obj: dict[str, Any], what: str, request_id: str | None)
             ErrorCode.INVALID_SCHEMA, f"{what}: schema_version is required", request_id=request_id
         )
     version = obj["schema_version"]
-    if type(version) is not int or version not in SUPPORTED_SCHEMA_VERSIONS:
+    if type(version) not in (int, float):  # not bool: type() is exact
+        kind = JSON_TYPE_NAMES.get(type(version), type(version).__name__)
         raise ContractError(
-            ErrorCode.UNSUPPORTED_SCHEMA_VERSION,
-            f"{what}: schema_version {version!r} is not supported; supported: "
-            f"{sorted(SUPPORTED_SCHEMA_VERSIONS)}",
+            ErrorCode.INVALID_SCHEMA,
+            f"{what}: schema_version must be an integer, got {kind}",
             request_id=request_id,
         )
+    _check_supported(version, f"{what}: schema_version {version!r}", request_id)
 
 
 def check_version_header(raw: bytes | None, request_id: str | None = None) -> int | None:
     if raw is None:
         return None
     text = raw.decode("ascii", "replace").strip()
-    if not is_decimal(text) or int(text) not in SUPPORTED_SCHEMA_VERSIONS:
+    if is_decimal(text):
+        version: float = int(text)
+    elif _NUMBER.fullmatch(text):
+        version = float(text)  # never raises: too many digits make it inf, which is unsupported
+    else:
         raise ContractError(
-            ErrorCode.UNSUPPORTED_SCHEMA_VERSION,
-            f"svd-schema-version header {text!r} is not supported; supported: "
-            f"{sorted(SUPPORTED_SCHEMA_VERSIONS)}",
+            ErrorCode.INVALID_SCHEMA,
+            f"svd-schema-version header must be an integer, got {_shorten(text)!r}",
             request_id=request_id,
         )
-    return int(text)
+    return _check_supported(version, f"svd-schema-version header {_shorten(text)!r}", request_id)
+
+
+# A number in JSON's syntax, except that leading zeros stay allowed as they were for a decimal.
+_NUMBER = re.compile(r"-?[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+
+
+def _check_supported(version: float, what: str, request_id: str | None) -> int:
+    # A float equal to a supported version is that version (1.0 is 1 in JSON); set membership
+    # compares by value, so it needs no conversion (and 1e300 none either).
+    if version not in SUPPORTED_SCHEMA_VERSIONS:
+        raise ContractError(
+            ErrorCode.UNSUPPORTED_SCHEMA_VERSION,
+            f"{what} is not supported; supported: {sorted(SUPPORTED_SCHEMA_VERSIONS)}",
+            request_id=request_id,
+        )
+    return int(version)
+
+
+def _shorten(text: str, limit: int = 64) -> str:
+    # Untrusted text quoted in a message: enough to recognise it.
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 
 def is_decimal(text: str) -> bool:

@@ -144,7 +144,7 @@ def decode_request(
 def _decode_json_request(
     view: memoryview, limits: DecodeLimits
 ) -> tuple[SvdRequestMeta, FloatArray | SparseMatrix]:
-    obj = load_json_object(view, "value")
+    obj = load_json_object(view, "value", limits)
     matrix = obj.get("matrix")
     if sparse.is_sparse(matrix):
         return sparse.decode_json(obj, limits)
@@ -190,7 +190,7 @@ def _load_meta_header(headers: ReceivedHeaders, limits: DecodeLimits) -> dict[st
         raise ContractError(
             ErrorCode.INVALID_SCHEMA, f"a binary message needs the {SVD_META!r} header"
         )
-    obj = load_json_object(raw, SVD_META)
+    obj = load_json_object(raw, SVD_META, limits)
     check_structure(obj, limits, SVD_META)
     return obj
 
@@ -328,7 +328,7 @@ def decode_reply(
 
 
 def _decode_json_reply(view: memoryview, limits: DecodeLimits) -> DecodedResult | ErrorResult:
-    obj = load_json_object(view, "value")
+    obj = load_json_object(view, "value", limits)
     request_id = peek_request_id(obj)
     factors = obj.get("factors")
     data: dict[str, object] = {}
@@ -438,19 +438,39 @@ _RECOVER_PARSE_BYTES = 64 * 1024
 _REQUEST_ID_RE = re.compile(rb'"request_id"\s*:\s*("(?:[^"\\\x00-\x1f]|\\.){1,128}")')
 
 
-def recover_request_id(value: Buffer, headers: ReceivedHeaders) -> str | None:
+def recover_request_id(
+    value: Buffer, headers: ReceivedHeaders, key: bytes | None = None
+) -> str | None:
     """Best-effort request id of a record that failed to decode, for keying the error result.
-    Never raises; None if there is no valid id to be found."""
+
+    Looked for in order: the first ``svd-meta`` header (a binary request; its head if it is
+    too large to parse), else the JSON value (likewise), else the record key when the key is
+    a valid request id (producers are asked to key requests by id). Never raises; None if no
+    valid id is found anywhere.
+    """
+    metas = [raw for name, raw in headers if isinstance(name, str) and name.lower() == SVD_META]
+    found = _id_in_json(metas[0] or b"") if metas else _id_in_json(value)
+    if found is None and key is not None:
+        try:
+            candidate = bytes(key).decode("ascii")
+        except (UnicodeDecodeError, TypeError):
+            return None
+        found = candidate if is_valid_request_id(candidate) else None
+    return found
+
+
+def _id_in_json(data: Buffer) -> str | None:
     try:
-        meta = header_value(headers, SVD_META, max_bytes=_DEFAULT_LIMITS.max_header_bytes)
-        if meta is not None:
-            return peek_request_id(orjson.loads(meta))
-        view = _view(value)
+        view = _view(data)
         if view.nbytes <= _RECOVER_PARSE_BYTES:
             try:
-                return peek_request_id(orjson.loads(view))
+                found = peek_request_id(orjson.loads(view))
             except orjson.JSONDecodeError:
-                pass
+                found = None
+            if found is not None:
+                return found
+        # Unparseable, too large to parse, or well-formed but not a request object (an array
+        # holding one, say): a request_id member in its head still names the requester.
         match = _REQUEST_ID_RE.search(bytes(view[:_RECOVER_PARSE_BYTES]))
         if match is None:
             return None

@@ -19,8 +19,25 @@ DLQ_HEADERS: dict[str, str] = {
     field: DLQ_PREFIX + field.replace("_", "-") for field in DeadLetterMeta.model_fields
 }
 _INT_FIELDS = frozenset(
-    {"schema_version", "source_partition", "source_offset", "attempts", "timestamp_ms"}
+    {
+        "schema_version",
+        "source_partition",
+        "source_offset",
+        "attempts",
+        "timestamp_ms",
+        "value_bytes",
+    }
 )
+_BOOL_FIELDS = frozenset({"truncated"})
+
+# What a record costs beyond its key, value and header bytes (batch and record framing, varints),
+# rounded up generously: a dead letter sized to a limit must never be refused for a few bytes.
+_RECORD_OVERHEAD = 512
+_HEADER_OVERHEAD = 16
+# A truncated dead letter keeps at most this much of each original header, and of the key: enough
+# to recognise a request (its svd-meta head holds the request id), not enough to crowd out the
+# value's prefix.
+TRUNCATED_FIELD_BYTES = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +51,13 @@ def dead_letter_headers(meta: DeadLetterMeta) -> list[tuple[str, bytes]]:
     out = []
     for field, header in DLQ_HEADERS.items():
         value = getattr(meta, field)
-        out.append((header, b"" if value is None else str(value).encode()))
+        if value is None:
+            text = ""
+        elif isinstance(value, bool):
+            text = "true" if value else "false"
+        else:
+            text = str(value)
+        out.append((header, text.encode()))
     return out
 
 
@@ -44,16 +67,43 @@ def encode_dead_letter(
     meta: DeadLetterMeta,
     *,
     key: bytes | None = None,
+    max_bytes: int | None = None,
 ) -> EncodedMessage:
     """The DLQ record: value verbatim, original headers in order, then ours. The key is the
     original key when given, else the request id (empty if unknown). A null original value or
-    header value is written as empty bytes (EncodedMessage carries bytes only)."""
+    header value is written as empty bytes (EncodedMessage carries bytes only).
+
+    With ``max_bytes`` (what the dead-letter topic takes), a record that would not fit is
+    written cut down instead of not at all: each original header value and the key cut to
+    ``TRUNCATED_FIELD_BYTES``, then as long a prefix of the value as fits, with
+    ``svd-dlq-truncated: true``; ``svd-dlq-value-bytes`` always gives the original size.
+    """
+    value = b"" if original_value is None else bytes(original_value)
     headers = [(name, b"" if v is None else bytes(v)) for name, v in original_headers]
-    headers.extend(dead_letter_headers(meta))
     if key is None:
         key = (meta.request_id or "").encode()
-    value = b"" if original_value is None else bytes(original_value)
-    return EncodedMessage(key=key, value=value, headers=headers)
+    if meta.value_bytes is None and not meta.truncated:
+        meta = meta.model_copy(update={"value_bytes": len(value)})
+    full = _size(key, value, [*headers, *dead_letter_headers(meta)])
+    if max_bytes is not None and full > max_bytes:
+        meta = meta.model_copy(update={"truncated": True})
+        key = key[:TRUNCATED_FIELD_BYTES]
+        headers = [(name[:256], v[:TRUNCATED_FIELD_BYTES]) for name, v in headers]
+        room = max_bytes - _size(key, b"", [*headers, *dead_letter_headers(meta)])
+        if room < 0:  # even the cut headers crowd the limit: keep the service's own
+            headers = []
+            room = max_bytes - _size(key, b"", dead_letter_headers(meta))
+        value = value[: max(room, 0)]
+    return EncodedMessage(key=key, value=value, headers=[*headers, *dead_letter_headers(meta)])
+
+
+def _size(key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> int:
+    return (
+        _RECORD_OVERHEAD
+        + len(key)
+        + len(value)
+        + sum(len(name.encode()) + len(v) + _HEADER_OVERHEAD for name, v in headers)
+    )
 
 
 def read_dead_letter(value: Buffer | None, headers: ReceivedHeaders) -> DeadLetter:
@@ -68,7 +118,15 @@ def read_dead_letter(value: Buffer | None, headers: ReceivedHeaders) -> DeadLett
     fields: dict[str, object] = {}
     for field, (_, raw) in zip(DLQ_HEADERS, ours, strict=True):
         text = (raw or b"").decode("utf-8", "replace")
-        if field in _INT_FIELDS:
+        if field in _BOOL_FIELDS:
+            if text not in ("true", "false"):
+                raise ContractError(
+                    ErrorCode.INVALID_SCHEMA, f"{DLQ_HEADERS[field]}: {text!r} is not true or false"
+                )
+            fields[field] = text == "true"
+        elif field == "value_bytes" and not text:
+            continue  # unknown: the record could not be read
+        elif field in _INT_FIELDS:
             if not is_decimal(text):
                 raise ContractError(
                     ErrorCode.INVALID_SCHEMA, f"{DLQ_HEADERS[field]}: {text!r} is not a number"

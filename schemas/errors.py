@@ -26,8 +26,14 @@ class ErrorCode(StrEnum):
     MESSAGE_TOO_LARGE = "MESSAGE_TOO_LARGE"
     # A sparse matrix whose index arrays are malformed (bounds, indptr not monotone, ...).
     INVALID_SPARSE = "INVALID_SPARSE"
+    # A record the service could not read from Kafka at all (a batch it cannot decompress, or
+    # one whose checksum does not match): nothing of it is left but its offset.
+    UNREADABLE_RECORD = "UNREADABLE_RECORD"
     # Raised by the service after a request was accepted.
     SVD_FAILED = "SVD_FAILED"
+    # The input is finite but its factors are not representable in the dtype (a singular value
+    # above the dtype's largest number): scaling the matrix down avoids it.
+    RESULT_OVERFLOW = "RESULT_OVERFLOW"
     TIMEOUT = "TIMEOUT"
     EXPIRED = "EXPIRED"
     WORKER_CRASHED = "WORKER_CRASHED"

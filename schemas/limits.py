@@ -26,6 +26,12 @@ class DecodeLimits:
     # Fields in one JSON object. No valid message has more than a dozen, and validating millions
     # of unknown fields one error each would cost the service seconds per message.
     max_json_fields: int = 64
+    # Objects and arrays in one message besides the bulk arrays of numbers (data, index arrays):
+    # a valid one has a few dozen. Walking millions of them cost seconds of CPU per record.
+    max_json_containers: int = 1024
+    # Object keys in one message, wherever they are: the duplicate-key scan pays for each, and a
+    # valid message has a few dozen.
+    max_json_keys: int = 4096
     # Size of one header value (svd-meta is the only large one).
     max_header_bytes: int = 64 * KiB
 

@@ -2,7 +2,8 @@
 
 Model and field docstrings/descriptions end up in the exported JSON Schemas, so they are written
 for a producer in any language. Every model forbids unknown fields and validates strictly (no
-"3" -> 3 or true -> 1 coercion): a message means exactly what it says or is rejected.
+"3" -> 3 or true -> 1 coercion): a message means exactly what it says or is rejected. The one
+conversion is JSON's own: a number with an integral value, such as 2.0, is an integer.
 """
 
 from __future__ import annotations
@@ -70,8 +71,24 @@ TraceParent = Annotated[
     ),
 ]
 TraceState = Annotated[str, Field(max_length=512, pattern=r"^[ -~]*$")]
-Dim = Annotated[int, Field(ge=1)]
-NonNegInt = Annotated[int, Field(ge=0)]
+
+
+def _integral(value: object) -> object:
+    # JSON has one number type: 2.0 and 1e0 are integers there, and JSON Schema's "integer"
+    # accepts them, so the service does too. Anything else goes on to the strict int check, which
+    # refuses 2.5, "2" and true. int() of any finite float is exact and small (no float exceeds
+    # about 1e308), so a huge value is left to the range checks and limits.
+    if type(value) is float and value.is_integer():
+        return int(value)
+    return value
+
+
+_INTEGRAL = BeforeValidator(_integral)
+# The validator comes after the constraints: the other way round pydantic exports them as
+# unknown keywords ("ge") instead of "minimum".
+Dim = Annotated[int, Field(ge=1), _INTEGRAL]
+NonNegInt = Annotated[int, Field(ge=0), _INTEGRAL]
+SchemaVersion = Annotated[Literal[1], _INTEGRAL]
 Millis = Annotated[float, Field(ge=0)]
 
 
@@ -273,16 +290,16 @@ class InlineSparseMatrix(SparseMatrixSpec):
     model_config = ConfigDict(json_schema_extra=_sparse_arrays_schema)
 
     data: list[float] = Field(description="The stored values (nnz finite numbers).")
-    indices: list[int] | SkipJsonSchema[None] = Field(
+    indices: list[NonNegInt] | SkipJsonSchema[None] = Field(
         default=None, description="csr: the column of each value; csc: its row."
     )
-    indptr: list[int] | SkipJsonSchema[None] = Field(
+    indptr: list[NonNegInt] | SkipJsonSchema[None] = Field(
         default=None, description="csr: rows+1 offsets into data; csc: cols+1."
     )
-    row: list[int] | SkipJsonSchema[None] = Field(
+    row: list[NonNegInt] | SkipJsonSchema[None] = Field(
         default=None, description="coo: the row of each value."
     )
-    col: list[int] | SkipJsonSchema[None] = Field(
+    col: list[NonNegInt] | SkipJsonSchema[None] = Field(
         default=None, description="coo: the column of each value."
     )
 
@@ -321,7 +338,7 @@ class SvdRequestMeta(_Wire):
 
     model_config = ConfigDict(json_schema_extra=_also_required("schema_version"))
 
-    schema_version: Literal[1] = Field(
+    schema_version: SchemaVersion = Field(
         default=SCHEMA_VERSION, description="Version of this contract; required."
     )
     request_id: RequestId
@@ -463,7 +480,7 @@ class SvdResultMeta(_Wire):
 
     model_config = ConfigDict(json_schema_extra=_also_required("schema_version", "status"))
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: SchemaVersion = SCHEMA_VERSION
     request_id: RequestId
     status: Literal["ok"] = "ok"
     timings: Timings
@@ -501,7 +518,7 @@ class ErrorResult(_Wire):
 
     model_config = ConfigDict(json_schema_extra=_also_required("schema_version", "status"))
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: SchemaVersion = SCHEMA_VERSION
     request_id: RequestId | None = Field(
         description="null when it could not be recovered from the request."
     )
@@ -540,7 +557,7 @@ class DeadLetterMeta(_Wire):
 
     model_config = ConfigDict(json_schema_extra=_also_required("schema_version"))
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: SchemaVersion = SCHEMA_VERSION
     code: ErrorCode = Field(strict=False)
     reason: Message
     source_topic: TopicName
@@ -551,3 +568,15 @@ class DeadLetterMeta(_Wire):
     )
     request_id: RequestId | None = None
     timestamp_ms: NonNegInt = Field(description="When the record was dead-lettered (epoch ms).")
+    value_bytes: NonNegInt | None = Field(
+        default=None,
+        description="Size of the original value in bytes; null when the record could not be read.",
+    )
+    truncated: bool = Field(
+        default=False,
+        description=(
+            "True when the dead letter does not hold the whole original record: its value is a "
+            "prefix and its original headers may be cut (it did not fit the dead-letter topic), "
+            "or the record could not be read at all."
+        ),
+    )

@@ -215,10 +215,11 @@ def decode_json(obj: dict[str, Any], limits: DecodeLimits) -> tuple[SvdRequestMe
     rows, cols = spec.shape
     index_dtype: IndexDtype = "int32" if max(rows, cols, nnz) < _INT32_MAX else "int64"
     _check_limits(meta, spec, nnz, index_dtype, limits)
-    data = _only(arrays["data"], (float, int), "numbers", request_id, "data")
+    data = arrays["data"]
+    _only(data, (float, int), "numbers", request_id, "data")
     first_name, second_name = SPARSE_INDEX_ARRAYS[spec.format]
-    first = _only(arrays[first_name], (int,), "integers", request_id, first_name)
-    second = _only(arrays[second_name], (int,), "integers", request_id, second_name)
+    first = _integers(arrays[first_name], request_id, first_name)
+    second = _integers(arrays[second_name], request_id, second_name)
     lengths = _expected_lengths(spec.format, spec.shape, nnz)
     for name, given in ((first_name, first), (second_name, second)):
         if len(given) != lengths[name]:
@@ -226,10 +227,7 @@ def decode_json(obj: dict[str, Any], limits: DecodeLimits) -> tuple[SvdRequestMe
     with np.errstate(over="ignore"):  # beyond float32's range -> inf -> NON_FINITE below
         values = np.array(data, dtype=WIRE_DTYPES[spec.dtype])
     try:
-        index_arrays = (
-            np.array(first, dtype=INDEX_WIRE_DTYPES[index_dtype]),
-            np.array(second, dtype=INDEX_WIRE_DTYPES[index_dtype]),
-        )
+        index_arrays = (_index_array(first, index_dtype), _index_array(second, index_dtype))
     except OverflowError as exc:
         raise ContractError(
             ErrorCode.INVALID_SPARSE,
@@ -273,9 +271,11 @@ def decode_binary(
 
 def _only(
     value: list[Any], kinds: tuple[type, ...], what: str, request_id: str | None, name: str
-) -> list[Any]:
+) -> set[type]:
+    """The types in value, which must all be among kinds."""
     # set(map(type, ...)) runs in C; bool is its own type, so true is not taken for 1.
-    odd = set(map(type, value)) - set(kinds)
+    found = set(map(type, value))
+    odd = found - set(kinds)
     if odd:
         names = ", ".join(sorted(t.__name__ for t in odd))
         raise ContractError(
@@ -283,7 +283,37 @@ def _only(
             f"matrix.{name} must contain only {what}, found {names}",
             request_id=request_id,
         )
-    return value
+    return found
+
+
+def _integers(value: list[Any], request_id: str | None, name: str) -> list[Any] | FloatArray:
+    """An index array's integers: ints as given, or, when some were written as floats, all of
+    them in a float64 array. JSON has one number type: 2.0 is the integer 2 there (and for JSON
+    Schema's "integer"), while 2.5 is not an integer."""
+    if float not in _only(value, (int, float), "integers", request_id, name):
+        return value
+    numbers = np.array(value, dtype=np.float64)
+    fractional = np.trunc(numbers) != numbers
+    if fractional.any():
+        raise ContractError(
+            ErrorCode.INVALID_SCHEMA,
+            f"matrix.{name} must contain only integers, found {numbers[fractional.argmax()]}",
+            request_id=request_id,
+        )
+    return numbers
+
+
+def _index_array(values: list[Any] | FloatArray, index_dtype: IndexDtype) -> IntArray:
+    """Raises OverflowError for a value beyond the index dtype, whatever the input's kind."""
+    dtype = INDEX_WIRE_DTYPES[index_dtype]
+    if isinstance(values, list):
+        return np.array(values, dtype=dtype)
+    # A float beyond the range would be cast to garbage, not refused: check first. The bounds
+    # compare exactly (info.max + 1 is a power of two, so float64 holds it).
+    info = np.iinfo(dtype)
+    if values.size and not (info.min <= values.min() and values.max() < info.max + 1):
+        raise OverflowError(f"an index does not fit {index_dtype}")
+    return values.astype(dtype)
 
 
 def _check_limits(

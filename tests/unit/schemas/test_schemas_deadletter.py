@@ -12,6 +12,7 @@ from schemas import (
     encode_dead_letter,
     read_dead_letter,
 )
+from schemas.deadletter import TRUNCATED_FIELD_BYTES
 
 
 def dlq_meta(**overrides: object) -> DeadLetterMeta:
@@ -49,7 +50,8 @@ def test_original_bytes_and_headers_survive_and_meta_reads_back() -> None:
     letter = read_dead_letter(message.value, message.headers)
     assert letter.value == ORIGINAL_VALUE
     assert letter.original_headers == ORIGINAL_HEADERS
-    assert letter.meta == meta
+    assert letter.meta == meta.model_copy(update={"value_bytes": len(ORIGINAL_VALUE)})
+    assert not letter.meta.truncated
 
 
 def test_header_values_are_plain_text() -> None:
@@ -83,3 +85,45 @@ def test_a_record_that_is_not_a_dead_letter_is_refused(headers: list[tuple[str, 
     with pytest.raises(ContractError) as info:
         read_dead_letter(b"", headers)
     assert info.value.code is ErrorCode.INVALID_SCHEMA
+
+
+def test_a_dead_letter_that_fits_is_whole_even_with_a_limit() -> None:
+    whole = encode_dead_letter(ORIGINAL_VALUE, ORIGINAL_HEADERS, dlq_meta(), key=b"k")
+    limited = encode_dead_letter(
+        ORIGINAL_VALUE, ORIGINAL_HEADERS, dlq_meta(), key=b"k", max_bytes=1 << 20
+    )
+    assert limited == whole
+
+
+def test_a_dead_letter_too_large_for_its_topic_is_cut_down_to_fit() -> None:
+    value = bytes(range(256)) * 4096  # 1 MiB
+    headers = [("svd-meta", b"m" * 100_000), ("content-type", b"application/json")]
+    message = encode_dead_letter(value, headers, dlq_meta(), key=b"k" * 5000, max_bytes=65536)
+    size = len(message.key) + len(message.value) + sum(len(n) + len(v) for n, v in message.headers)
+    assert size <= 65536
+    letter = read_dead_letter(message.value, message.headers)
+    assert letter.meta.truncated and letter.meta.value_bytes == len(value)
+    assert len(letter.value) > 0 and value.startswith(letter.value)
+    assert letter.original_headers == [
+        ("svd-meta", b"m" * TRUNCATED_FIELD_BYTES),
+        ("content-type", b"application/json"),
+    ]
+    assert message.key == b"k" * TRUNCATED_FIELD_BYTES
+    assert dict(message.headers)["svd-dlq-truncated"] == b"true"
+
+
+def test_headers_that_crowd_out_everything_are_dropped_before_ours() -> None:
+    headers = [(f"h{i}", b"x" * 2000) for i in range(100)]
+    message = encode_dead_letter(b"v" * 10_000, headers, dlq_meta(), max_bytes=8192)
+    letter = read_dead_letter(message.value, message.headers)
+    assert letter.meta.truncated and letter.original_headers == []
+    assert letter.meta.value_bytes == 10_000 and letter.value != b"v" * 10_000
+
+
+def test_an_unreadable_record_reads_back_without_a_size() -> None:
+    meta = dlq_meta(request_id=None).model_copy(update={"truncated": True})
+    message = encode_dead_letter(None, [], meta)
+    headers = dict(message.headers)
+    assert headers["svd-dlq-value-bytes"] == b"" and headers["svd-dlq-truncated"] == b"true"
+    letter = read_dead_letter(message.value, message.headers)
+    assert letter.meta.value_bytes is None and letter.meta.truncated

@@ -52,3 +52,35 @@ def test_never_raises_on_broken_headers() -> None:
     headers = [("svd-meta", b"{not json"), ("svd-meta", b"twice")]
     assert recover_request_id(b"", headers) is None
     assert recover_request_id(b"", [("svd-meta", b"[]")]) is None
+
+
+def test_from_the_first_of_two_meta_headers() -> None:
+    headers = [("svd-meta", b'{"request_id": "first"}'), ("svd-meta", b'{"request_id": "second"}')]
+    assert recover_request_id(b"", headers) == "first"
+
+
+def test_from_the_head_of_a_meta_header_too_large_to_parse() -> None:
+    meta = b'{"schema_version": 1, "request_id": "huge-meta", "pad": "' + b"x" * 100_000 + b'"}'
+    assert recover_request_id(b"", [("svd-meta", meta)]) == "huge-meta"
+
+
+def test_from_the_key_when_nothing_in_the_record_says() -> None:
+    assert recover_request_id(b"\xff\xfe", JSON, key=b"key-7") == "key-7"
+    # A binary message without svd-meta: its value is the matrix, never searched for an id.
+    assert recover_request_id(b'{"request_id": "no"}', [], key=b"by-key") == "no"
+    assert recover_request_id(b"\x00" * 16, [("content-type", b"x")], key=b"by-key") == "by-key"
+
+
+def test_the_record_says_before_the_key() -> None:
+    value, headers = json_request(request_id="in-value")
+    assert recover_request_id(value, headers, key=b"in-key") == "in-value"
+
+
+@pytest.mark.parametrize("key", [b"", b"has space", b"\xc3\xa9t\xc3\xa9", b"k" * 129])
+def test_not_from_a_key_that_is_no_request_id(key: bytes) -> None:
+    assert recover_request_id(b"\xff", JSON, key=key) is None
+
+
+def test_from_a_request_wrapped_in_an_array() -> None:
+    value = b'[{"schema_version": 1, "request_id": "wrapped-1", "matrix": {}}]'
+    assert recover_request_id(value, JSON) == "wrapped-1"

@@ -32,6 +32,14 @@ def rejected(message: Message, limits: DecodeLimits | None = None) -> ContractEr
     return info.value
 
 
+def with_bytes_replaced(message: Message, old: bytes, new: bytes) -> Message:
+    """The message with old replaced by new, in its value or else in its svd-meta header."""
+    value, headers = message
+    if old in value:
+        return value.replace(old, new, 1), headers
+    return value, [(n, v.replace(old, new, 1) if n == "svd-meta" else v) for n, v in headers]
+
+
 def matrix(shape: Any, data: Any = None, dtype: Any = "float64") -> dict[str, Any]:
     if data is None:
         data = [1.0] * int(np.prod(shape))
@@ -82,7 +90,10 @@ CASES: dict[str, tuple[Message, ErrorCode]] = {
         json_request(options={"full_matrices": "yes"}),
         ErrorCode.INVALID_SCHEMA,
     ),
-    "k is a float": (json_request(options={"k": 1.0}), ErrorCode.INVALID_SCHEMA),
+    "k not integral": (json_request(options={"k": 1.5}), ErrorCode.INVALID_SCHEMA),
+    "k as a string": (json_request(options={"k": "1"}), ErrorCode.INVALID_SCHEMA),
+    "k true": (json_request(options={"k": True}), ErrorCode.INVALID_SCHEMA),
+    "k of 1e300": (json_request(options={"k": 1e300}), ErrorCode.INVALID_SCHEMA),
     "k is zero": (json_request(options={"k": 0}), ErrorCode.INVALID_SCHEMA),
     "k above min(rows, cols)": (json_request(options={"k": 3}), ErrorCode.INVALID_SCHEMA),
     "k with full_matrices": (
@@ -160,10 +171,61 @@ CASES: dict[str, tuple[Message, ErrorCode]] = {
     ),
     "negative dimension": (json_request(matrix=matrix([-1, 2], data=[])), ErrorCode.INVALID_SHAPE),
     "shape not integers": (
-        json_request(matrix=matrix([1.0, 2.0], data=[1.0, 2.0])),
+        json_request(matrix=matrix([1.5, 2], data=[1.0, 2.0])),
         ErrorCode.INVALID_SHAPE,
     ),
-    # --- NaN or Inf
+    "shape of strings": (
+        json_request(matrix=matrix(["1", "2"], data=[1.0, 2.0])),
+        ErrorCode.INVALID_SHAPE,
+    ),
+    # --- a key twice in one object (orjson would keep the last one silently)
+    "duplicate top-level key": (
+        with_bytes_replaced(json_request(), b'"request_id"', b'"request_id":"other","request_id"'),
+        ErrorCode.INVALID_ENCODING,
+    ),
+    "duplicate key in options": (
+        with_bytes_replaced(json_request(), b'"options":{}', b'"options":{"k":1,"k":2}'),
+        ErrorCode.INVALID_ENCODING,
+    ),
+    "duplicate matrix": (
+        with_bytes_replaced(
+            json_request(),
+            b'"matrix"',
+            b'"matrix":{"shape":[1,1],"dtype":"float64","data":[1]},"matrix"',
+        ),
+        ErrorCode.INVALID_ENCODING,
+    ),
+    "duplicate key spelt with an escape": (
+        with_bytes_replaced(
+            json_request(), b'"request_id"', b'"request_\\u0069d":"x","request_id"'
+        ),
+        ErrorCode.INVALID_ENCODING,
+    ),
+    "duplicate key in svd-meta": (
+        with_bytes_replaced(binary_request(), b'"dtype"', b'"dtype":"float32","dtype"'),
+        ErrorCode.INVALID_ENCODING,
+    ),
+    # --- NaN or Inf in any spelling
+    "json nan token": (
+        with_bytes_replaced(json_request(), b"6.5", b"nan"),
+        ErrorCode.NON_FINITE,
+    ),
+    "json -inf token": (
+        with_bytes_replaced(json_request(), b"6.5", b"-inf"),
+        ErrorCode.NON_FINITE,
+    ),
+    "json NaN for k": (
+        with_bytes_replaced(json_request(), b'"options":{}', b'"options":{"k":NaN}'),
+        ErrorCode.NON_FINITE,
+    ),
+    "json word that is no number": (
+        with_bytes_replaced(json_request(), b"6.5", b"info"),
+        ErrorCode.INVALID_ENCODING,
+    ),
+    "json NaN after a missing comma": (
+        with_bytes_replaced(json_request(), b"5,6.5", b"5 NaN"),
+        ErrorCode.INVALID_ENCODING,
+    ),
     "binary NaN": (
         binary_request(np.array([[1.0, np.nan]])),
         ErrorCode.NON_FINITE,
@@ -220,10 +282,16 @@ CASES: dict[str, tuple[Message, ErrorCode]] = {
     # --- schema version
     "schema_version 2": (json_request(schema_version=2), ErrorCode.UNSUPPORTED_SCHEMA_VERSION),
     "schema_version 0": (json_request(schema_version=0), ErrorCode.UNSUPPORTED_SCHEMA_VERSION),
-    "schema_version as a string": (
-        json_request(schema_version="1"),
+    "schema_version 2.0": (json_request(schema_version=2.0), ErrorCode.UNSUPPORTED_SCHEMA_VERSION),
+    "schema_version 1.5": (json_request(schema_version=1.5), ErrorCode.UNSUPPORTED_SCHEMA_VERSION),
+    "schema_version 1e300": (
+        json_request(schema_version=1e300),
         ErrorCode.UNSUPPORTED_SCHEMA_VERSION,
     ),
+    "schema_version as a string": (json_request(schema_version="1"), ErrorCode.INVALID_SCHEMA),
+    "schema_version true": (json_request(schema_version=True), ErrorCode.INVALID_SCHEMA),
+    "schema_version null": (json_request(schema_version=None), ErrorCode.INVALID_SCHEMA),
+    "schema_version in an array": (json_request(schema_version=[1]), ErrorCode.INVALID_SCHEMA),
     "schema_version missing": (
         (orjson.dumps({k: v for k, v in request_obj().items() if k != "schema_version"}), JSON),
         ErrorCode.INVALID_SCHEMA,
@@ -235,6 +303,18 @@ CASES: dict[str, tuple[Message, ErrorCode]] = {
     "schema-version header of 5000 digits": (
         (json_request()[0], [*JSON, ("svd-schema-version", b"1" * 5000)]),
         ErrorCode.UNSUPPORTED_SCHEMA_VERSION,
+    ),
+    "schema-version header 2.0": (
+        (json_request()[0], [*JSON, ("svd-schema-version", b"2.0")]),
+        ErrorCode.UNSUPPORTED_SCHEMA_VERSION,
+    ),
+    "schema-version header not a number": (
+        (json_request()[0], [*JSON, ("svd-schema-version", b"v1")]),
+        ErrorCode.INVALID_SCHEMA,
+    ),
+    "schema-version header empty": (
+        (json_request()[0], [*JSON, ("svd-schema-version", b"")]),
+        ErrorCode.INVALID_SCHEMA,
     ),
     "binary meta schema_version 3": (
         binary_request(schema_version=3),

@@ -160,6 +160,21 @@ def test_unsorted_and_repeated_entries_are_accepted() -> None:
     np.testing.assert_array_equal(matrix.to_scipy().toarray(), DENSE)
 
 
+def test_indices_written_as_integral_floats_are_integers() -> None:
+    # JSON has one number type: 2.0 is the integer 2 there, as for JSON Schema's "integer".
+    message = sparse_json("csr", indices=[0.0, 2, 2e0, 0, 1, 3], indptr=[0, 2.0, 3, 6])
+    matrix = decoded(message).matrix
+    assert isinstance(matrix, SparseMatrix)
+    assert [a.dtype for a in matrix.index_arrays] == [np.dtype("<i4")] * 2
+    np.testing.assert_array_equal(matrix.toarray(), DENSE)
+    value, headers = sparse_binary("coo")
+    meta = orjson.loads(dict(headers)["svd-meta"])
+    meta["matrix"]["nnz"] = 6.0
+    meta["matrix"]["row"] = {k: float(v) for k, v in meta["matrix"]["row"].items()}
+    matrix = decoded((value, [*BINARY, ("svd-meta", orjson.dumps(meta))])).matrix
+    np.testing.assert_array_equal(matrix.toarray(), DENSE)
+
+
 def test_empty_rows_and_no_entries_at_all() -> None:
     zero = sparse_json("csr", data=[], indices=[], indptr=[0, 0, 0, 0])
     matrix = decoded(zero).matrix
@@ -220,8 +235,8 @@ CASES: dict[str, tuple[Message, ErrorCode]] = {
     "coo with indptr": (sparse_json("coo", indptr=[0, 6]), ErrorCode.INVALID_SCHEMA),
     "json without data": (sparse_json("csc", drop=("data",)), ErrorCode.INVALID_SCHEMA),
     "indices not an array": (sparse_json("csr", indices=3), ErrorCode.INVALID_SCHEMA),
-    "indices with a float": (
-        sparse_json("csr", indices=[0, 2, 2.0, 0, 1, 3]),
+    "indices with a fraction": (
+        sparse_json("csr", indices=[0, 2, 2.5, 0, 1, 3]),
         ErrorCode.INVALID_SCHEMA,
     ),
     "row with a boolean": (
@@ -232,15 +247,16 @@ CASES: dict[str, tuple[Message, ErrorCode]] = {
         sparse_json("csr", data=[1, 2, 3, 4, 5, "6"]),
         ErrorCode.INVALID_SCHEMA,
     ),
-    "index beyond 64 bits": (  # orjson reads such a number as a float
+    "index beyond 64 bits": (  # orjson reads such a number as a float, an integral one
         (
             sparse_json("csr", indices=[0, 2, 2, 0, 1, 987654321])[0].replace(
                 b"987654321", str(2**70).encode()
             ),
             list(JSON),
         ),
-        ErrorCode.INVALID_SCHEMA,
+        ErrorCode.INVALID_SPARSE,
     ),
+    "index of 1e300": (sparse_json("coo", row=[0, 0, 1, 2, 2, 1e300]), ErrorCode.INVALID_SPARSE),
     "json with binary fields": (
         json_matrix(**head()["matrix"], nnz=6, **ARRAYS["csr"]),
         ErrorCode.INVALID_SCHEMA,
@@ -445,6 +461,9 @@ _SCHEMA_REJECTS = [
     "json without data",
     "indices not an array",
     "row with a boolean",
+    "indices with a fraction",
+    "negative index",
+    "coo col negative",
     "data with a string",
     "json with binary fields",
     "binary without the indptr range",
