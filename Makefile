@@ -7,8 +7,9 @@ BIN := $(VENV)/bin
 setup:
 	@scripts/bootstrap.sh
 
-# Debian packages only the tests need: prometheus (a real Prometheus server, and promtool).
-TEST_PACKAGES := prometheus
+# Debian packages only the tests need: prometheus (a real Prometheus server, and promtool) and
+# kcat (librdkafka's client: it produces records aiokafka cannot, e.g. non-UTF-8 header names).
+TEST_PACKAGES := prometheus kcat
 
 test-setup:
 	@scripts/bootstrap.sh $(TEST_PACKAGES)

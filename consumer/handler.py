@@ -7,6 +7,7 @@ the offset marked done, so the commit position never passes an unanswered reques
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import socket
@@ -24,15 +25,47 @@ from consumer.publisher import Publisher, PublishRejected
 from consumer.reply_topics import ReplyTopics
 from consumer.settings import ConsumerSettings
 from consumer.transactions import NotDelivered, TransactionalOutbox
+from consumer.unreadable import UnreadableRecord
 from consumer.work import ComputeFailed, Computer
 from schemas import codec
+from schemas.deadletter import DLQ_HEADERS
 from schemas.errors import ContractError, ErrorCode, SvdServiceError
 from schemas.limits import DecodeLimits
 from schemas.models import DeadLetterMeta, ErrorResult
 
 log = logging.getLogger(__name__)
 
-Answer = list[tuple[str, codec.EncodedMessage]]
+TRUNCATED_HEADER = DLQ_HEADERS["truncated"]
+# A dead letter the dead-letter topic refused at full size is written again cut down to this:
+# below the broker's default message.max.bytes, so any topic takes it.
+_SMALLEST_DEAD_LETTER_BYTES = 64 * 1024
+# The most bytes one number takes in a JSON result (orjson's shortest round-trip form, sign and
+# exponent included, plus its comma), and room for everything but the numbers.
+_JSON_BYTES_PER_NUMBER = {4: 16, 8: 25}
+_JSON_RESULT_OVERHEAD = 4096
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """The dead letter a failed record owes, encoded at the size its topic takes."""
+
+    record: ConsumerRecord[bytes, bytes]
+    meta: DeadLetterMeta
+
+    def encode(self, max_bytes: int) -> codec.EncodedMessage:
+        record = self.record
+        return codec.encode_dead_letter(
+            record.value, list(record.headers), self.meta, key=record.key, max_bytes=max_bytes
+        )
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a request is answered with: a reply for its requester (a result or an error result;
+    none when no request id could be found) and, for every failure, one dead letter."""
+
+    reply: tuple[str, codec.EncodedMessage] | None
+    dead_letter: DeadLetter | None = None
 
 
 @dataclass(frozen=True)
@@ -81,6 +114,9 @@ def prepare(record: ConsumerRecord[bytes, bytes], limits: DecodeLimits) -> Prepa
     """Decode and price one record. Pure CPU: the caller decides where it runs."""
     value = record.value or b""
     received_at = time.time()
+    if isinstance(record, UnreadableRecord):
+        rejection = ContractError(ErrorCode.UNREADABLE_RECORD, record.reason)
+        return Prepared(record, None, rejection, 0, received_at)
     try:
         request = codec.decode_request(value, list(record.headers), limits)
     except ContractError as err:
@@ -100,6 +136,19 @@ def prepare(record: ConsumerRecord[bytes, bytes], limits: DecodeLimits) -> Prepa
     factors = sum(
         math.prod(shape) for shape in (shapes.u, shapes.s, shapes.vt) if shape is not None
     )
+    if request.reply_encoding is codec.Encoding.JSON:
+        # Refused before computing, as a binary result over the limit is by the decoder: the
+        # exact size of a JSON result is only known once encoded, so its worst case is taken.
+        worst = _JSON_RESULT_OVERHEAD + factors * _JSON_BYTES_PER_NUMBER[itemsize]
+        if worst > limits.max_result_bytes:
+            rejection = ContractError(
+                ErrorCode.LIMIT_EXCEEDED,
+                f"a JSON result of {factors} numbers may take {worst} bytes; the limit is "
+                f"{limits.max_result_bytes}: ask for result_encoding binary, k or compute_uv "
+                "false",
+                request_id=request.meta.request_id,
+            )
+            return Prepared(record, request, rejection, len(value), received_at)
     # What this request holds while in flight: the record, its matrix and factors in shared
     # memory, and the encoded answer (about the factors' size again). A sparse matrix goes to
     # shared memory as its arrays (values in the compute dtype), never dense.
@@ -131,32 +180,116 @@ class RequestHandler:
         self._host = socket.gethostname()
 
     async def handle(self, prepared: Prepared, ledger: PartitionLedger) -> None:
-        answer = await self._answer(prepared)
+        """Answer ``prepared`` and mark its offset done. Never raises but for cancellation.
+
+        An unexpected exception (a bug, not the input) is retried a bounded number of times,
+        then answered INTERNAL with a dead letter, so no request can hold its partition's
+        commit position forever.
+        """
+        attempts = self._settings.unexpected_attempts
+        for attempt in range(1, attempts + 1):
+            try:
+                await self._deliver(prepared, ledger, await self._answer(prepared))
+            except Exception as exc:
+                self._metrics.unexpected_failures.inc()
+                if attempt == attempts:
+                    await self._answer_internal(prepared, ledger, exc, attempts)
+                    return
+                delay = self._settings.retry_backoff_s * 2 ** (attempt - 1)
+                log.warning(
+                    "unexpected failure on attempt %d of %d (%r); retrying in %.2fs",
+                    attempt, attempts, exc, delay, exc_info=exc, extra=prepared.context,
+                )  # fmt: skip
+                await asyncio.sleep(delay)
+                continue
+            self._metrics.latency.observe(max(0.0, time.time() - prepared.created_at))
+            return
+
+    async def _answer_internal(
+        self, prepared: Prepared, ledger: PartitionLedger, exc: Exception, attempts: int
+    ) -> None:
+        log.error(
+            "unexpected failure on each of %d attempts (%r); answering INTERNAL with a dead "
+            "letter and moving the commit on",
+            attempts, exc, exc_info=exc, extra=prepared.context,
+        )  # fmt: skip
+        err = SvdServiceError(
+            ErrorCode.INTERNAL,
+            f"the service failed unexpectedly on each of {attempts} attempts "
+            f"({type(exc).__name__})",
+        )
+        try:
+            await self._deliver(prepared, ledger, self._failure(prepared, err, attempts=attempts))
+        except Exception:
+            log.exception(
+                "the INTERNAL answer failed too; the offset moves on unanswered",
+                extra=prepared.context,
+            )
+            ledger.finish(prepared.record.offset)
+
+    async def _deliver(self, prepared: Prepared, ledger: PartitionLedger, answer: Answer) -> None:
         if self._outbox is not None:
             await self._deliver_in_transaction(prepared, ledger, answer, self._outbox)
         else:
-            await self._deliver(prepared, ledger, answer)
-        self._metrics.latency.observe(max(0.0, time.time() - prepared.created_at))
+            await self._deliver_at_least_once(prepared, ledger, answer)
 
-    async def _deliver(self, prepared: Prepared, ledger: PartitionLedger, answer: Answer) -> None:
-        """At-least-once: publish (retried until acknowledged), then mark the offset done."""
-        try:
-            await self._publish(prepared, answer)
-        except PublishRejected as exc:
-            # Only a result can outgrow the topic (inputs that fit, factors that do not).
-            err = SvdServiceError(exc.code, f"the answer could not be published: {exc}")
-            # The default results topic: the refused topic may be the request's reply topic.
-            fallback = self._failure(
-                prepared, err, attempts=1, reply_to=self._settings.results_topic
-            )
+    async def _deliver_at_least_once(
+        self, prepared: Prepared, ledger: PartitionLedger, answer: Answer
+    ) -> None:
+        """Publish (retried until acknowledged), then mark the offset done."""
+        if answer.reply is not None:
+            topic, message = answer.reply
             try:
-                await self._publish(prepared, fallback)
-            except PublishRejected:
-                log.error(
-                    "even the error answer was refused (%s); the request stays at its source offset",
-                    exc, extra=prepared.context,
-                )  # fmt: skip
+                await self._publisher.publish(topic, message, context=prepared.context)
+            except PublishRejected as exc:
+                # Refused for good (a result too large, a topic we may not write): the requester
+                # has no answer yet, so the refusal becomes its one answer, on the results topic.
+                err = SvdServiceError(exc.code, f"the answer could not be published: {exc}")
+                answer = self._failure(
+                    prepared, err, attempts=1, reply_to=self._settings.results_topic
+                )
+                await self._publish_error_reply(prepared, answer)
+        if answer.dead_letter is not None:
+            await self._publish_dead_letter(prepared, answer.dead_letter)
         ledger.finish(prepared.record.offset)
+
+    async def _publish_error_reply(self, prepared: Prepared, answer: Answer) -> None:
+        if answer.reply is None:
+            return
+        topic, message = answer.reply
+        try:
+            await self._publisher.publish(topic, message, context=prepared.context)
+        except PublishRejected as exc:
+            log.error(
+                "the error answer was refused too (%s); the dead letter is the only record",
+                exc, extra=prepared.context,
+            )  # fmt: skip
+
+    async def _publish_dead_letter(self, prepared: Prepared, dead: DeadLetter) -> None:
+        """Write the dead letter whole if it fits, else cut down; never a second answer."""
+        topic = self._settings.dlq_topic
+        for max_bytes in (self._settings.max_message_bytes, _SMALLEST_DEAD_LETTER_BYTES):
+            message = dead.encode(max_bytes)
+            try:
+                await self._publisher.publish(topic, message, context=prepared.context)
+            except PublishRejected as exc:
+                log.warning(
+                    "dead letter refused (%s); writing it again cut down to %d bytes",
+                    exc, _SMALLEST_DEAD_LETTER_BYTES, extra=prepared.context,
+                )  # fmt: skip
+                continue
+            self._count_dead_letter(message)
+            return
+        self._metrics.dead_letters_refused.inc()
+        log.error(
+            "%s refused even a %d-byte dead letter; the offset moves on without one",
+            topic, _SMALLEST_DEAD_LETTER_BYTES, extra=prepared.context,
+        )  # fmt: skip
+
+    def _count_dead_letter(self, message: codec.EncodedMessage) -> None:
+        self._metrics.dead_lettered.inc()
+        if message.headers and message.headers[-1] == (TRUNCATED_HEADER, b"true"):
+            self._metrics.dead_letters_truncated.inc()
 
     async def _deliver_in_transaction(
         self,
@@ -168,24 +301,27 @@ class RequestHandler:
         """Exactly-once: the answer and the offset past it commit in one transaction."""
         record = prepared.record
         limit = self._settings.max_message_bytes
-        # A message the broker refuses would abort the whole transaction: check sizes first.
-        # Dead letters are copies of records the broker already took.
-        if any(len(m.value) > limit for t, m in answer if t != self._settings.dlq_topic):
+        # A message the broker refuses would abort the whole transaction: check sizes first,
+        # and write the dead letter at a size the topics are configured to take.
+        if answer.reply is not None and len(answer.reply[1].value) > limit:
             err = SvdServiceError(ErrorCode.LIMIT_EXCEEDED, f"the result exceeds {limit} bytes")
             answer = self._failure(prepared, err, attempts=1)
+        messages = [answer.reply] if answer.reply is not None else []
+        dead_letter = answer.dead_letter.encode(limit) if answer.dead_letter else None
+        if dead_letter is not None:
+            messages.append((self._settings.dlq_topic, dead_letter))
         tp = TopicPartition(record.topic, record.partition)
         try:
-            await outbox.deliver(tp, ledger, record.offset, answer)
+            await outbox.deliver(tp, ledger, record.offset, messages)
         except NotDelivered as exc:
             log.info(
                 "answer not committed (%s); the partition's owner answers it",
                 exc,
                 extra=prepared.context,
             )
-
-    async def _publish(self, prepared: Prepared, answer: Answer) -> None:
-        for topic, message in answer:
-            await self._publisher.publish(topic, message, context=prepared.context)
+            return
+        if dead_letter is not None:
+            self._count_dead_letter(dead_letter)
 
     async def _answer(self, prepared: Prepared) -> Answer:
         # attempts counts compute attempts: 0 for a record refused before compute (wire contract).
@@ -213,7 +349,7 @@ class RequestHandler:
         except ComputeFailed as failed:
             return self._failure(prepared, failed.error, attempts=failed.attempts)
         self._metrics.succeeded.inc()
-        return [(self._reply_topic(prepared), message)]
+        return Answer(reply=(self._reply_topic(prepared), message))
 
     def _reply_topic(self, prepared: Prepared) -> str:
         if prepared.request is not None and prepared.request.meta.reply_topic:
@@ -232,19 +368,23 @@ class RequestHandler:
         request_id = err.request_id or (
             prepared.request.meta.request_id
             if prepared.request
-            else codec.recover_request_id(record.value or b"", list(record.headers))
+            else codec.recover_request_id(record.value or b"", list(record.headers), record.key)
         )
         self._metrics.failed.labels(code=str(err.code)).inc()
+        unreadable = isinstance(record, UnreadableRecord)
+        if unreadable:
+            self._metrics.unreadable.inc()
         log.warning(
-            "request failed with %s (%s); answering with an error result and a dead letter",
-            err.code, err.message, extra={**prepared.context, "request_id": request_id, "code": err.code},
+            "request failed with %s (%s); answering with %s",
+            err.code, err.message, "an error result and a dead letter" if request_id else "a dead letter only (no request id)",
+            extra={**prepared.context, "request_id": request_id, "code": err.code},
         )  # fmt: skip
-        answer: Answer = []
+        reply = None
         if request_id is not None:
             error = ErrorResult(
                 request_id=request_id, code=err.code, message=err.message, retryable=err.retryable
             )
-            answer.append((reply_to or self._reply_topic(prepared), codec.encode_error(error)))
+            reply = (reply_to or self._reply_topic(prepared), codec.encode_error(error))
         dead = DeadLetterMeta(
             reason=err.message,
             code=err.code,
@@ -254,12 +394,8 @@ class RequestHandler:
             attempts=attempts,
             request_id=request_id,
             timestamp_ms=int(time.time() * 1000),
+            # Nothing of an unreadable record is left: not even its size.
+            value_bytes=None if unreadable else len(record.value or b""),
+            truncated=unreadable,
         )
-        answer.append(
-            (
-                self._settings.dlq_topic,
-                codec.encode_dead_letter(record.value, list(record.headers), dead, key=record.key),
-            )
-        )
-        self._metrics.dead_lettered.inc()
-        return answer
+        return Answer(reply=reply, dead_letter=DeadLetter(record, dead))

@@ -48,6 +48,26 @@ class Metrics:
             "svd_requests_retried", "Pool attempts repeated after a crash", registry=r
         )
         self.dead_lettered = Counter("svd_dead_letters", "Records written to the DLQ", registry=r)
+        self.dead_letters_truncated = Counter(
+            "svd_dead_letters_truncated",
+            "Dead letters written cut down: the original did not fit the dead-letter topic",
+            registry=r,
+        )
+        self.dead_letters_refused = Counter(
+            "svd_dead_letters_refused",
+            "Dead letters the broker refused even cut down (the offset moved on without one)",
+            registry=r,
+        )
+        self.unreadable = Counter(
+            "svd_unreadable_records",
+            "Offsets skipped because their record could not be read (codec, checksum)",
+            registry=r,
+        )
+        self.unexpected_failures = Counter(
+            "svd_unexpected_failures",
+            "Attempts at a request that ended in an unexpected exception (a bug)",
+            registry=r,
+        )
         self.expired = Counter("svd_requests_expired", "Requests past their deadline", registry=r)
         self.publish_retries = Counter(
             "svd_publish_retries", "Answer publishes retried", registry=r

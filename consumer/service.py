@@ -31,6 +31,7 @@ from consumer.reply_topics import ReplyTopics
 from consumer.settings import ConsumerSettings
 from consumer.tasks import TaskSet
 from consumer.transactions import TransactionalOutbox
+from consumer.unreadable import UNREADABLE_ERRORS, UnreadableReader
 from consumer.work import Computer
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,10 @@ class SvdService:
         self._held: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]] = {}
         # Bumped by each revocation: records fetched before it are stale (see _admit).
         self._generation = 0
+        # Per partition, one past the newest offset aiokafka handed us (admitted or held): where
+        # reading resumes after a fetch that failed on an unreadable record.
+        self._received_up_to: dict[TopicPartition, int] = {}
+        self._unreadable: UnreadableReader
         self.paused = False
         self.ready = asyncio.Event()  # joined the group with the pool up
         self.broker = BrokerContact(settings.ready_broker_window_s)
@@ -213,6 +218,12 @@ class SvdService:
         )
         self._consumer.subscribe([s.requests_topic], listener=_Rebalance(self))
         await self._consumer.start()
+        self._unreadable = UnreadableReader(
+            self._consumer,
+            poll_timeout_ms=int(s.poll_timeout_s * 1000),
+            max_records=s.max_inflight,
+            max_bytes=s.fetch_max_bytes,
+        )
         self.broker.ok()
         publisher = Publisher(self._producer, on_retry=m.publish_retries.inc)
         self._computer = Computer(s, self.pool, m)
@@ -244,7 +255,11 @@ class SvdService:
             if self._held and not self.paused:
                 await self._admit_held()  # before anything newer, so offsets begin in order
                 continue
-            batch = await self._consumer.getmany(timeout_ms=poll_ms)
+            try:
+                batch = await self._consumer.getmany(timeout_ms=poll_ms)
+            except UNREADABLE_ERRORS as exc:
+                await self._read_past_unreadable(exc)
+                continue
             if batch:
                 await self._admit_batch(batch)
             if not self.ready.is_set() and self._consumer.assignment():
@@ -277,12 +292,37 @@ class SvdService:
         if self.inflight.below_low_watermark():
             self._resume()
 
+    async def _read_past_unreadable(self, exc: Exception) -> None:
+        """A fetch failed on a record that cannot be read (consumer/unreadable.py): read each
+        partition alone, admitting what it holds in order, unreadable offsets included."""
+        log.warning(
+            "a fetch failed on a record that cannot be read (%r); reading partition by "
+            "partition to dead-letter it and move on",
+            exc,
+        )
+        generation = self._generation
+        # Partitions with held records were not fetched (the loop admits those first).
+        tps = self._consumer.assignment() - set(self._held)
+        await self._unreadable.rewind(tps, self._received_up_to)
+        for tp in sorted(tps):
+            records = await self._unreadable.read(tp)
+            if generation != self._generation or self._held:
+                return  # a rebalance restarts every position; a full budget admits held first
+            if records:
+                await self._admit_batch({tp: records}, generation)
+
     async def _admit_batch(
-        self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
+        self,
+        batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]],
+        generation: int | None = None,
     ) -> None:
         full = False
-        generation = self._generation
+        if generation is None:
+            generation = self._generation
         for tp, records in batch.items():
+            if records:
+                newest = records[-1].offset + 1
+                self._received_up_to[tp] = max(self._received_up_to.get(tp, newest), newest)
             for index, record in enumerate(records):
                 if not full and await self._admit(tp, record, generation):
                     continue
@@ -331,16 +371,8 @@ class SvdService:
 
     async def _handle(self, prepared: Prepared, ledger: PartitionLedger) -> None:
         try:
-            await self._handler.handle(prepared, ledger)
+            await self._handler.handle(prepared, ledger)  # answers even its own failures
             self._answered += 1
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            # A bug, not an input problem: the offset stays uncommitted so the request is
-            # redelivered after a restart instead of being lost.
-            log.exception(
-                "unexpected failure; the request stays uncommitted", extra=prepared.context
-            )
         finally:
             self.inflight.release(prepared.cost)
             self._gauge_inflight()
@@ -398,6 +430,7 @@ class SvdService:
         for tp in revoked:
             # Never begun, so never committed past: the next owner reads them again.
             self._held.pop(tp, None)
+            self._received_up_to.pop(tp, None)
         if not self._closing:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + min(

@@ -116,6 +116,12 @@ class ConsumerSettings(BaseSettings):
     task_timeout_s: float = Field(default=120.0, gt=0)
     drain_timeout_s: float = Field(default=30.0, ge=0)
     max_attempts: int = Field(default=3, ge=1, description="pool attempts per request")
+    unexpected_attempts: int = Field(
+        default=3,
+        ge=1,
+        description="attempts at a request that fails unexpectedly (a bug) before it is "
+        "answered INTERNAL with a dead letter and its offset moves on",
+    )
     retry_backoff_s: float = Field(default=0.2, ge=0)
     batch_max_items: int = Field(
         default=64, ge=1, description="small matrices per pool task (1: no micro-batching)"

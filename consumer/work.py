@@ -20,6 +20,7 @@ from consumer.shm import SegmentCache, ShmAllocationError
 from consumer.truncated import seed_from
 from consumer.worker import (
     KIND_LINALG,
+    KIND_OVERFLOW,
     KIND_RESOURCES,
     ItemOutcome,
     Outputs,
@@ -41,6 +42,11 @@ Encoded = codec.EncodedMessage
 # Test-only: names a fault for the worker to inject (see consumer.worker.FAULTS). Honoured only
 # when the service runs with SVD_ENABLE_TEST_FAULTS=true.
 TEST_FAULT_HEADER = "svd-test-fault"
+# Test-only: the fault that raises in this process instead, as a bug on the request path would.
+PARENT_FAULT = "parent_raise"
+
+# What a failed task's kind says about the request; any other kind is the service's fault.
+_FAILURE_CODES = {KIND_LINALG: ErrorCode.SVD_FAILED, KIND_OVERFLOW: ErrorCode.RESULT_OVERFLOW}
 
 
 class ComputeFailed(Exception):
@@ -75,6 +81,9 @@ class Computer:
         request = prepared.request
         assert request is not None
         options = request.meta.options
+        fault = self._fault(prepared)
+        if fault == PARENT_FAULT:
+            raise RuntimeError(f"injected fault: {PARENT_FAULT}")
         matrix = request.matrix
         if options.dtype is not None and matrix.dtype.name != options.dtype:
             matrix = matrix.astype(options.dtype)
@@ -84,7 +93,7 @@ class Computer:
             compute_uv=options.compute_uv,
             k=options.k,
             quality=options.quality,
-            fault=self._fault(prepared),
+            fault=fault,
             algorithm=options.algorithm,
             seed=seed_from(request.meta.request_id),  # the same request, the same factors
         )
@@ -106,7 +115,7 @@ class Computer:
                 if exc.kind == KIND_RESOURCES and attempt < attempts:
                     await self._backoff(prepared, attempt, exc)
                     continue
-                code = ErrorCode.SVD_FAILED if exc.kind == KIND_LINALG else ErrorCode.INTERNAL
+                code = _FAILURE_CODES.get(exc.kind, ErrorCode.INTERNAL)
                 raise ComputeFailed(SvdServiceError(code, exc.message), attempt) from exc
             except TaskTimeout as exc:
                 raise ComputeFailed(

@@ -42,6 +42,7 @@ FAULTS = frozenset({"segfault", "kill", "hang", "raise", "segfault_once", "kill_
 KIND_LINALG = "linalg"  # LAPACK did not converge: deterministic, not retryable
 KIND_INVALID = "invalid"  # the request cannot be computed: not retryable
 KIND_RESOURCES = "resources"  # out of memory: may pass later, retryable
+KIND_OVERFLOW = "overflow"  # finite input, factors beyond the dtype: not retryable
 KIND_INTERNAL = "internal"  # anything else: a bug, not retryable
 
 _blas_limits: Any = None  # the worker's threadpool limiter, held for the process's life
@@ -50,6 +51,10 @@ _blas_threads = 0
 
 class InjectedFault(RuntimeError):
     """Raised by the "raise" test fault."""
+
+
+class FactorOverflow(ArithmeticError):
+    """The factors of a finite matrix are not finite: a singular value exceeds the dtype."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,6 +402,15 @@ def _run_item(block: AttachedBlock, item: JobItem, attempt: int) -> ItemOutcome:
         seed=item.seed,
     )
     compute_ms = (time.perf_counter() - started) * 1000.0
+    # Checked once, here: the input was finite, so a non-finite factor means the matrix's
+    # scale overflows its dtype (entries near the dtype's largest number).
+    for name, factor in (("s", factors.s), ("u", factors.u), ("vt", factors.vt)):
+        if factor is not None and not np.isfinite(factor).all():
+            raise FactorOverflow(
+                f"the factors are not finite in {factor.dtype}: factor {name} overflows "
+                f"(the largest singular value exceeds {np.finfo(factor.dtype).max:.3g}); "
+                "scale the matrix down"
+            )
     _store(block, item.s, factors.s)
     _store(block, item.u, factors.u)
     _store(block, item.vt, factors.vt)
@@ -447,6 +461,8 @@ def _failure(exc: Exception) -> JobFailure:
         kind, retryable = KIND_INVALID, False
     elif isinstance(exc, MemoryError):
         kind, retryable = KIND_RESOURCES, True
+    elif isinstance(exc, FactorOverflow):
+        kind, retryable = KIND_OVERFLOW, False
     else:
         kind, retryable = KIND_INTERNAL, False
     return JobFailure(

@@ -26,6 +26,7 @@ class ServiceProcess:
         log_path: Path,
         *,
         group_id: str | None = None,
+        extra_env: dict[str, str] | None = None,
         **settings: object,
     ) -> None:
         self.log_path = log_path
@@ -40,7 +41,7 @@ class ServiceProcess:
             "SVD_LOG_LEVEL": "INFO",
         }
         env.update({f"SVD_{k.upper()}": str(v) for k, v in settings.items()})
-        self._env = env
+        self._env = {**env, **(extra_env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Self:

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 from aiokafka import TopicPartition
-from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError
+from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError, UnsupportedCodecError
 from aiokafka.structs import ConsumerRecord
 
 from consumer.handler import RequestHandler, prepare
@@ -17,8 +17,9 @@ from consumer.offsets import OffsetTracker
 from consumer.pool import TaskFailed
 from consumer.publisher import Publisher
 from consumer.settings import ConsumerSettings
+from consumer.unreadable import unreadable_record
 from consumer.work import Computer
-from consumer.worker import KIND_LINALG, JobFailure
+from consumer.worker import KIND_LINALG, KIND_OVERFLOW, JobFailure
 from schemas import codec
 from schemas.deadletter import read_dead_letter
 from schemas.errors import ErrorCode
@@ -152,3 +153,93 @@ def test_undecodable_records_are_priced_at_their_size(value: bytes) -> None:
         _record(codec.EncodedMessage(key=b"", value=value, headers=[])), DecodeLimits()
     )
     assert prepared.rejection is not None and prepared.cost == len(value)
+
+
+def _begun(offset: int = 0) -> Any:
+    ledger = OffsetTracker().ledger(TP)
+    ledger.begin(offset)
+    return ledger
+
+
+async def test_a_dead_letter_refused_for_size_is_written_cut_down_never_answered_twice() -> None:
+    class SmallDlq(FlakyProducer):
+        async def send(self, topic: str, value: bytes, **kw: Any) -> Any:
+            if topic == "svd-dlq" and len(value) > 100_000:
+                raise MessageSizeTooLargeError("too big for svd-dlq")
+            return await super().send(topic, value, **kw)
+
+    producer = SmallDlq()
+    value = b'{"request_id": "big-1", "pad": "' + b"x" * 500_000 + b'"'  # truncated JSON
+    record = _record(codec.EncodedMessage(key=b"big-1", value=value, headers=[]))
+    ledger = _begun()
+    await _handler(producer, FailingPool(AssertionError())).handle(
+        prepare(record, DecodeLimits()), ledger
+    )
+    assert [topic for topic, _, _ in producer.sent] == ["svd-results", "svd-dlq"]
+    error = codec.decode_reply(producer.sent[0][1], producer.sent[0][2])
+    assert isinstance(error, ErrorResult) and error.code == ErrorCode.INVALID_ENCODING
+    dead = read_dead_letter(producer.sent[1][1], producer.sent[1][2])
+    assert dead.meta.truncated and dead.meta.value_bytes == len(value)
+    assert 0 < len(dead.value) < len(value) and value.startswith(dead.value)
+    assert dead.meta.request_id == "big-1" and ledger.commit_position() == 1
+
+
+async def test_an_unexpected_failure_is_retried_then_answered_internal_and_moves_on() -> None:
+    producer = FlakyProducer()
+    request_id, message = make_request(np.ones((3, 3)))
+    ledger = _begun()
+    handler = _handler(producer, FailingPool(RuntimeError("a bug")))
+    await handler.handle(prepare(_record(message), DecodeLimits()), ledger)
+    assert [topic for topic, _, _ in producer.sent] == ["svd-results", "svd-dlq"]
+    error = codec.decode_reply(producer.sent[0][1], producer.sent[0][2])
+    assert isinstance(error, ErrorResult) and error.code == ErrorCode.INTERNAL
+    assert error.request_id == request_id and error.retryable
+    dead = read_dead_letter(producer.sent[1][1], producer.sent[1][2])
+    assert dead.meta.code == ErrorCode.INTERNAL and dead.meta.attempts == 3
+    assert ledger.commit_position() == 1
+    assert handler._metrics.unexpected_failures._value.get() == 3
+
+
+async def test_factors_that_overflow_are_answered_result_overflow() -> None:
+    failure = JobFailure(kind=KIND_OVERFLOW, error_type="FactorOverflow", message="inf",
+                         retryable=False, traceback="")  # fmt: skip
+    producer = FlakyProducer()
+    _, message = make_request(np.full((4, 4), 1e308))
+    await _handler(producer, FailingPool(TaskFailed(failure, pid=1))).handle(
+        prepare(_record(message), DecodeLimits()), _begun()
+    )
+    error = codec.decode_reply(producer.sent[0][1], producer.sent[0][2])
+    assert isinstance(error, ErrorResult) and error.code == ErrorCode.RESULT_OVERFLOW
+    assert not error.retryable
+    assert read_dead_letter(producer.sent[1][1], producer.sent[1][2]).meta.attempts == 1
+
+
+@pytest.mark.parametrize("encoding", list(codec.Encoding))
+def test_a_json_result_that_may_not_fit_is_refused_before_compute(
+    encoding: codec.Encoding,
+) -> None:
+    # 400 x 400 full SVD: 320,400 float64 numbers, 2.6 MB in binary, up to 8 MB as JSON.
+    limits = DecodeLimits(max_result_bytes=4 << 20)
+    _, message = make_request(np.ones((400, 400)), encoding=encoding)
+    prepared = prepare(_record(message), limits)
+    if encoding is codec.Encoding.JSON:
+        assert prepared.rejection is not None
+        assert prepared.rejection.code == ErrorCode.LIMIT_EXCEEDED
+        assert "result_encoding binary" in prepared.rejection.message
+    else:
+        assert prepared.rejection is None
+
+
+async def test_an_unreadable_record_gets_a_dead_letter_only() -> None:
+    producer = FlakyProducer()
+    record = unreadable_record(TP, 7, UnsupportedCodecError("no zstd"))
+    ledger = _begun(7)
+    await _handler(producer, FailingPool(AssertionError())).handle(
+        prepare(record, DecodeLimits()), ledger
+    )
+    [(topic, value, headers)] = producer.sent
+    dead = read_dead_letter(value, headers)
+    assert topic == "svd-dlq" and dead.value == b"" and dead.original_headers == []
+    assert dead.meta.code == ErrorCode.UNREADABLE_RECORD and dead.meta.source_offset == 7
+    assert dead.meta.truncated and dead.meta.value_bytes is None and dead.meta.request_id is None
+    assert ledger.commit_position() == 8
