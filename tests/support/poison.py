@@ -1,7 +1,9 @@
 """Poison records: inputs a producer should never send, each with the answer the service owes it.
 
 Built by hand (orjson, raw bytes), not with the codec, so a bad record is exactly as bad as it
-says. Every record has its own key, so it can be told apart on the DLQ, which keeps the key.
+says. A record is keyed ``poison-<name>`` unless it is meant to have no request id at all: a key
+that is a valid request id names the record when nothing in it can be read (wire format, "Who
+gets an answer"), so those records go without a key. tests/adversarial/ has the full corpus.
 """
 
 from __future__ import annotations
@@ -25,12 +27,14 @@ class Poison:
     headers: list[tuple[str, bytes]]
     code: ErrorCode  # the error code it must be answered with
     request_id: str | None  # the id the error result must carry; None: dead letter only
+    keyed: bool = True  # False: no key, so that only the record itself can name it
+    truncated: bool = False  # its dead letter is cut down (larger than the service's limit)
 
     @property
-    def key(self) -> bytes:
-        return f"poison-{self.name}".encode()
+    def key(self) -> bytes | None:
+        return f"poison-{self.name}".encode() if self.keyed else None
 
-    def record(self) -> tuple[bytes, bytes | None, list[tuple[str, bytes]]]:
+    def record(self) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
         return self.key, self.value, self.headers
 
 
@@ -79,11 +83,16 @@ def poison_records(rng: np.random.Generator, *, oversize_bytes: int) -> list[Poi
                "truncated-json"),
         Poison("truncated-binary", square.astype("<f8").tobytes()[:100],
                _binary_headers("truncated-binary", [4, 4]), E.SHAPE_MISMATCH, "truncated-binary"),
-        Poison("random-bytes-json", rng.bytes(4096), [JSON], E.INVALID_ENCODING, None),
-        Poison("random-bytes-binary", rng.bytes(4096), [BINARY], E.INVALID_SCHEMA, None),
-        Poison("random-bytes-no-headers", rng.bytes(512), [], E.INVALID_ENCODING, None),
-        Poison("empty-value", b"", [JSON], E.INVALID_ENCODING, None),
-        Poison("tombstone", None, [], E.INVALID_ENCODING, None),
+        Poison("random-bytes-json", rng.bytes(4096), [JSON], E.INVALID_ENCODING, None, keyed=False),
+        Poison("random-bytes-json-keyed", rng.bytes(4096), [JSON], E.INVALID_ENCODING,
+               "poison-random-bytes-json-keyed"),  # nothing readable but the key
+        Poison("random-bytes-binary", rng.bytes(4096), [BINARY], E.INVALID_SCHEMA, None,
+               keyed=False),
+        Poison("random-bytes-no-headers", rng.bytes(512), [], E.INVALID_ENCODING, None,
+               keyed=False),
+        Poison("empty-value", b"", [JSON], E.INVALID_ENCODING, "poison-empty-value"),
+        # A tombstone has a key: Kafka clients refuse a record with neither key nor value.
+        Poison("tombstone", None, [], E.INVALID_ENCODING, "poison-tombstone"),
         Poison("not-utf8", b'{"schema_version": 1, "request_id": "not-utf8", "x": "\xff\xfe"}',
                [JSON], E.INVALID_ENCODING, "not-utf8"),
         # Valid JSON, wrong schema.
@@ -91,11 +100,11 @@ def poison_records(rng: np.random.Generator, *, oversize_bytes: int) -> list[Poi
                E.INVALID_SCHEMA, "wrong-schema"),
         Poison("unknown-field", _json("unknown-field", colour="red"), [JSON], E.INVALID_SCHEMA,
                "unknown-field"),
-        Poison("json-array", b"[1, 2, 3]", [JSON], E.INVALID_SCHEMA, None),
+        Poison("json-array", b"[1, 2, 3]", [JSON], E.INVALID_SCHEMA, "poison-json-array"),
         Poison("no-request-id", orjson.dumps({"schema_version": 1, "hello": "world"}), [JSON],
-               E.INVALID_SCHEMA, None),
+               E.INVALID_SCHEMA, None, keyed=False),
         Poison("binary-without-meta", square.astype("<f8").tobytes(), [BINARY], E.INVALID_SCHEMA,
-               None),
+               "poison-binary-without-meta"),
         Poison("duplicate-content-type", _json("duplicate-content-type"), [JSON, BINARY],
                E.INVALID_ENCODING, "duplicate-content-type"),
         Poison("unknown-content-type", _json("unknown-content-type"),
@@ -126,12 +135,15 @@ def poison_records(rng: np.random.Generator, *, oversize_bytes: int) -> list[Poi
         Poison("billion-square-cap", b"\0" * 8, _binary_headers("billion-square-cap", [10_000, 10_000]),
                E.LIMIT_EXCEEDED, "billion-square-cap"),
         # Larger than the service's message limit (the broker takes it: its own limit is higher).
+        # Its dead letter is cut down: the service assumes the DLQ takes only its own limit.
         Poison("oversize-binary", rng.bytes(oversize_bytes),
                _binary_headers("oversize-binary", [1, oversize_bytes // 8]), E.MESSAGE_TOO_LARGE,
-               "oversize-binary"),
+               "oversize-binary", truncated=True),
+        # Too large to parse, but its id is in the first 64 KiB of the header.
         Poison("oversize-svd-meta", b"\0" * 8,
                [BINARY, ("svd-meta", b'{"request_id": "oversize-svd-meta", "pad": "'
-                         + b"x" * (100 * 1024) + b'"}')], E.MESSAGE_TOO_LARGE, None),  # its id is in the oversized header
+                         + b"x" * (100 * 1024) + b'"}')], E.MESSAGE_TOO_LARGE, "oversize-svd-meta",
+               keyed=False),
         # Nesting: above the service's limit, and far above the parser's own.
         Poison("deep-json", _json("deep-json", options={"deep": orjson.loads(_nested(40))}), [JSON],
                E.JSON_TOO_DEEP, "deep-json"),
