@@ -40,9 +40,13 @@ TRUNCATED_HEADER = DLQ_HEADERS["truncated"]
 # below the broker's default message.max.bytes, so any topic takes it.
 _SMALLEST_DEAD_LETTER_BYTES = 64 * 1024
 # The most bytes one number takes in a JSON result (orjson's shortest round-trip form, sign and
-# exponent included, plus its comma), and room for everything but the numbers.
-_JSON_BYTES_PER_NUMBER = {4: 16, 8: 25}
+# exponent included, plus its comma; float32 prints up to 16 characters, e.g. -0.0000021079127),
+# and room for everything but the numbers.
+_JSON_BYTES_PER_NUMBER = {4: 17, 8: 25}
 _JSON_RESULT_OVERHEAD = 4096
+# The smallest float64 that rounds to infinity in float32: halfway between float32's largest
+# number, 2**128 - 2**104, and 2**128 (the tie rounds to even, 2**128, which is infinite).
+_FLOAT32_OVERFLOWS_AT = 2.0**128 - 2.0**103
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,7 @@ class Answer:
 
     reply: tuple[str, codec.EncodedMessage] | None
     dead_letter: DeadLetter | None = None
+    ok: bool = False  # the reply is a result
 
 
 @dataclass(frozen=True)
@@ -158,6 +163,19 @@ def prepare(record: ConsumerRecord[bytes, bytes], limits: DecodeLimits) -> Prepa
     else:
         held = itemsize * matrix.nnz + sum(a.nbytes for a in matrix.index_arrays)
     cost = len(value) + held + 2 * itemsize * factors
+    values = matrix if isinstance(matrix, np.ndarray) else matrix.data
+    if values.dtype.itemsize > itemsize and values.size:
+        # float64 input computed in float32: a value beyond float32's range would become inf
+        # in the cast, and the input the caller sent is finite.
+        largest = max(float(values.max()), -float(values.min()))
+        if largest >= _FLOAT32_OVERFLOWS_AT:
+            rejection = ContractError(
+                ErrorCode.NON_FINITE,
+                f"the matrix holds {largest:.6g}, beyond float32's range: it would be infinite "
+                "in options.dtype float32; compute in float64 or scale the matrix down",
+                request_id=request.meta.request_id,
+            )
+            return Prepared(record, request, rejection, len(value), received_at)
     return Prepared(record, request, None, cost, received_at)
 
 
@@ -187,13 +205,18 @@ class RequestHandler:
         commit position forever.
         """
         attempts = self._settings.unexpected_attempts
+        # Where answers may go, checked once: the results topic until the request's own reply
+        # topic has passed its checks.
+        reply_to = self._settings.results_topic
         for attempt in range(1, attempts + 1):
             try:
-                await self._deliver(prepared, ledger, await self._answer(prepared))
+                reply_to, problem = await self._destination(prepared)
+                answer = await self._answer(prepared, reply_to, problem)
+                await self._deliver(prepared, ledger, answer)
             except Exception as exc:
                 self._metrics.unexpected_failures.inc()
                 if attempt == attempts:
-                    await self._answer_internal(prepared, ledger, exc, attempts)
+                    await self._answer_internal(prepared, ledger, exc, attempts, reply_to)
                     return
                 delay = self._settings.retry_backoff_s * 2 ** (attempt - 1)
                 log.warning(
@@ -206,7 +229,12 @@ class RequestHandler:
             return
 
     async def _answer_internal(
-        self, prepared: Prepared, ledger: PartitionLedger, exc: Exception, attempts: int
+        self,
+        prepared: Prepared,
+        ledger: PartitionLedger,
+        exc: Exception,
+        attempts: int,
+        reply_to: str,
     ) -> None:
         log.error(
             "unexpected failure on each of %d attempts (%r); answering INTERNAL with a dead "
@@ -219,13 +247,19 @@ class RequestHandler:
             f"({type(exc).__name__})",
         )
         try:
-            await self._deliver(prepared, ledger, self._failure(prepared, err, attempts=attempts))
+            answer = self._failure(prepared, err, attempts=attempts, reply_to=reply_to)
+            await self._deliver(prepared, ledger, answer)
         except Exception:
             log.exception(
                 "the INTERNAL answer failed too; the offset moves on unanswered",
                 extra=prepared.context,
             )
-            ledger.finish(prepared.record.offset)
+            if self._outbox is not None:  # later answers of the partition wait on this offset
+                record = prepared.record
+                tp = TopicPartition(record.topic, record.partition)
+                await self._outbox.skip(tp, ledger, record.offset)
+            else:
+                ledger.finish(prepared.record.offset)
 
     async def _deliver(self, prepared: Prepared, ledger: PartitionLedger, answer: Answer) -> None:
         if self._outbox is not None:
@@ -241,6 +275,8 @@ class RequestHandler:
             topic, message = answer.reply
             try:
                 await self._publisher.publish(topic, message, context=prepared.context)
+                if answer.ok:
+                    self._metrics.succeeded.inc()
             except PublishRejected as exc:
                 # Refused for good (a result too large, a topic we may not write): the requester
                 # has no answer yet, so the refusal becomes its one answer, on the results topic.
@@ -278,7 +314,7 @@ class RequestHandler:
                     exc, _SMALLEST_DEAD_LETTER_BYTES, extra=prepared.context,
                 )  # fmt: skip
                 continue
-            self._count_dead_letter(message)
+            self._count_dead_letter(dead, message)
             return
         self._metrics.dead_letters_refused.inc()
         log.error(
@@ -286,9 +322,11 @@ class RequestHandler:
             topic, _SMALLEST_DEAD_LETTER_BYTES, extra=prepared.context,
         )  # fmt: skip
 
-    def _count_dead_letter(self, message: codec.EncodedMessage) -> None:
+    def _count_dead_letter(self, dead: DeadLetter, message: codec.EncodedMessage) -> None:
         self._metrics.dead_lettered.inc()
-        if message.headers and message.headers[-1] == (TRUNCATED_HEADER, b"true"):
+        # Cut down to fit; an unreadable record's dead letter is "truncated" from the start.
+        cut = message.headers and message.headers[-1] == (TRUNCATED_HEADER, b"true")
+        if cut and not isinstance(dead.record, UnreadableRecord):
             self._metrics.dead_letters_truncated.inc()
 
     async def _deliver_in_transaction(
@@ -305,7 +343,7 @@ class RequestHandler:
         # and write the dead letter at a size the topics are configured to take.
         if answer.reply is not None and len(answer.reply[1].value) > limit:
             err = SvdServiceError(ErrorCode.LIMIT_EXCEEDED, f"the result exceeds {limit} bytes")
-            answer = self._failure(prepared, err, attempts=1)
+            answer = self._failure(prepared, err, attempts=1, reply_to=answer.reply[0])
         messages = [answer.reply] if answer.reply is not None else []
         dead_letter = answer.dead_letter.encode(limit) if answer.dead_letter else None
         if dead_letter is not None:
@@ -320,13 +358,34 @@ class RequestHandler:
                 extra=prepared.context,
             )
             return
-        if dead_letter is not None:
-            self._count_dead_letter(dead_letter)
+        if answer.ok:
+            self._metrics.succeeded.inc()
+        if answer.dead_letter is not None and dead_letter is not None:
+            self._count_dead_letter(answer.dead_letter, dead_letter)
 
-    async def _answer(self, prepared: Prepared) -> Answer:
+    async def _destination(self, prepared: Prepared) -> tuple[str, str | None]:
+        """Where the request's answers go, and why not its own reply topic if that is refused.
+
+        Decided before any answer is built, so no path can write to a topic that was never
+        checked: another tenant's, the requests topic, one that does not exist (publishing
+        there would be retried forever).
+        """
+        results = self._settings.results_topic
+        wanted = prepared.request.meta.reply_topic if prepared.request is not None else None
+        if not wanted or wanted == results:
+            return results, None
+        if self._reply_topics is None:
+            return results, f"reply_topic {wanted!r} is not accepted by this service"
+        problem = await self._reply_topics.problem(wanted)
+        return (results, problem) if problem is not None else (wanted, None)
+
+    async def _answer(self, prepared: Prepared, reply_to: str, problem: str | None) -> Answer:
         # attempts counts compute attempts: 0 for a record refused before compute (wire contract).
         if prepared.rejection is not None:
-            return self._failure(prepared, prepared.rejection, attempts=0)
+            return self._failure(prepared, prepared.rejection, attempts=0, reply_to=reply_to)
+        if problem is not None:
+            err = SvdServiceError(ErrorCode.INVALID_SCHEMA, problem)
+            return self._failure(prepared, err, attempts=0, reply_to=reply_to)
         request = prepared.request
         assert request is not None
         deadline_ms = request.meta.deadline_ms
@@ -335,26 +394,14 @@ class RequestHandler:
             err = SvdServiceError(
                 ErrorCode.EXPIRED, f"deadline {deadline_ms} ms passed before compute"
             )
-            return self._failure(prepared, err, attempts=0)
-        reply_topic = request.meta.reply_topic
-        if reply_topic and reply_topic != self._settings.results_topic and self._reply_topics:
-            problem = await self._reply_topics.problem(reply_topic)
-            if problem is not None:
-                err = SvdServiceError(ErrorCode.INVALID_SCHEMA, problem)
-                return self._failure(
-                    prepared, err, attempts=0, reply_to=self._settings.results_topic
-                )
+            return self._failure(prepared, err, attempts=0, reply_to=reply_to)
         try:
             message = await self._computer.compute(prepared, self._host)
         except ComputeFailed as failed:
-            return self._failure(prepared, failed.error, attempts=failed.attempts)
-        self._metrics.succeeded.inc()
-        return Answer(reply=(self._reply_topic(prepared), message))
-
-    def _reply_topic(self, prepared: Prepared) -> str:
-        if prepared.request is not None and prepared.request.meta.reply_topic:
-            return prepared.request.meta.reply_topic
-        return self._settings.results_topic
+            return self._failure(
+                prepared, failed.error, attempts=failed.attempts, reply_to=reply_to
+            )
+        return Answer(reply=(reply_to, message), ok=True)
 
     def _failure(
         self,
@@ -362,7 +409,7 @@ class RequestHandler:
         err: SvdServiceError,
         *,
         attempts: int,
-        reply_to: str | None = None,
+        reply_to: str,
     ) -> Answer:
         record = prepared.record
         request_id = err.request_id or (
@@ -384,7 +431,7 @@ class RequestHandler:
             error = ErrorResult(
                 request_id=request_id, code=err.code, message=err.message, retryable=err.retryable
             )
-            reply = (reply_to or self._reply_topic(prepared), codec.encode_error(error))
+            reply = (reply_to, codec.encode_error(error))
         dead = DeadLetterMeta(
             reason=err.message,
             code=err.code,

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import IllegalStateError, KafkaError
 from aiokafka.structs import ConsumerRecord
 
 from consumer import allocator
@@ -301,15 +301,25 @@ class SvdService:
             exc,
         )
         generation = self._generation
+
+        def current() -> bool:  # no rebalance since: every position restarts from the commits
+            return generation == self._generation
+
         # Partitions with held records were not fetched (the loop admits those first).
         tps = self._consumer.assignment() - set(self._held)
-        await self._unreadable.rewind(tps, self._received_up_to)
-        for tp in sorted(tps):
-            records = await self._unreadable.read(tp)
-            if generation != self._generation or self._held:
-                return  # a rebalance restarts every position; a full budget admits held first
-            if records:
+        try:
+            await self._unreadable.rewind(tps, self._received_up_to, current)
+            for tp in sorted(tps):
+                if not current() or self._held:
+                    return  # the rest were rewound: the normal fetch reads them once held clears
+                records = await self._unreadable.read(tp)
+                if not current():
+                    return
+                # Admitted or held in order: read records are never dropped (their position
+                # has moved past them).
                 await self._admit_batch({tp: records}, generation)
+        except IllegalStateError as exc:  # revoked between two calls: its next owner reads it
+            log.info("a partition was revoked while reading past an unreadable record: %r", exc)
 
     async def _admit_batch(
         self,
@@ -320,7 +330,8 @@ class SvdService:
         if generation is None:
             generation = self._generation
         for tp, records in batch.items():
-            if records:
+            if records and generation == self._generation and tp in self._consumer.assignment():
+                # max(): held records come back through here after newer ones were received.
                 newest = records[-1].offset + 1
                 self._received_up_to[tp] = max(self._received_up_to.get(tp, newest), newest)
             for index, record in enumerate(records):

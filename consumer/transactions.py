@@ -143,6 +143,15 @@ class TransactionalOutbox:
         await self._flush(outbox)
         await done
 
+    async def skip(self, tp: TopicPartition, ledger: PartitionLedger, offset: int) -> None:
+        """Give up on answering ``offset``: mark it done and commit the answers staged behind it,
+        which wait for every earlier offset of their partition."""
+        ledger.finish(offset)
+        outbox = self._partitions.get(tp)
+        if outbox is not None and not outbox.closed and not ledger.revoked:
+            outbox.ledger = ledger
+            await self._flush(outbox)
+
     async def _flush(self, outbox: _PartitionOutbox) -> None:
         async with outbox.lock:
             delay = self._backoff_s

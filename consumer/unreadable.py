@@ -18,6 +18,7 @@ fetches, once.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -25,6 +26,10 @@ from aiokafka.errors import CorruptRecordException, UnsupportedCodecError
 from aiokafka.structs import ConsumerRecord
 
 log = logging.getLogger(__name__)
+
+# Above aiokafka's fetch_max_wait_ms (500 ms by default, which the service keeps): how long a
+# partition that was just sought may take to return records.
+_REFETCH_TIMEOUT_MS = 1500
 
 # What getmany raises for records it cannot read; anything else is not about the records.
 # aiokafka decodes header names as UTF-8 and lets the UnicodeDecodeError out (kcat sends any
@@ -68,13 +73,21 @@ class UnreadableReader:
         self._max_records = max_records
         self._max_bytes = max_bytes
 
-    async def rewind(self, tps: set[TopicPartition], received: dict[TopicPartition, int]) -> None:
+    async def rewind(
+        self,
+        tps: set[TopicPartition],
+        received: dict[TopicPartition, int],
+        current: Callable[[], bool],
+    ) -> None:
         """Put each of ``tps`` back at the offset after the last record the service received
-        from it, or at the group's commit when it received none since it was assigned."""
+        from it, or at the group's commit when it received none since it was assigned. Stops
+        once ``current()`` turns false: a rebalance has put every position back itself."""
         for tp in tps:
             offset = received.get(tp)
             if offset is None:
                 offset = await self._consumer.committed(tp)
+            if not current():
+                return
             if offset is None:
                 await self._consumer.seek_to_beginning(tp)
             else:
@@ -89,12 +102,15 @@ class UnreadableReader:
         records: list[ConsumerRecord[bytes, bytes]] = []
         size = 0
         stepped = False
+        seeked = True  # by rewind, before the first call
         while len(records) < self._max_records and size < self._max_bytes:
             position = await self._consumer.position(tp)
+            # After a seek the partition is fetched anew, and that fetch can queue behind a long
+            # poll for the other partitions: nothing within a short poll then means nothing yet.
+            timeout_ms = _REFETCH_TIMEOUT_MS if seeked else self._poll_timeout_ms
+            seeked = False
             try:
-                got = await self._consumer.getmany(
-                    tp, timeout_ms=self._poll_timeout_ms, max_records=1
-                )
+                got = await self._consumer.getmany(tp, timeout_ms=timeout_ms, max_records=1)
             except UNREADABLE_ERRORS as exc:
                 log.warning(
                     "%s-%d@%d cannot be read (%r); it gets a dead letter and the partition "
@@ -103,7 +119,7 @@ class UnreadableReader:
                 )  # fmt: skip
                 records.append(unreadable_record(tp, position, exc))
                 self._consumer.seek(tp, position + 1)
-                stepped = True
+                stepped = seeked = True
                 continue
             fetched = got.get(tp, [])
             records.extend(fetched)

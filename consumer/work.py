@@ -19,6 +19,7 @@ from consumer.settings import ConsumerSettings
 from consumer.shm import SegmentCache, ShmAllocationError
 from consumer.truncated import seed_from
 from consumer.worker import (
+    KIND_INVALID,
     KIND_LINALG,
     KIND_OVERFLOW,
     KIND_RESOURCES,
@@ -46,7 +47,14 @@ TEST_FAULT_HEADER = "svd-test-fault"
 PARENT_FAULT = "parent_raise"
 
 # What a failed task's kind says about the request; any other kind is the service's fault.
-_FAILURE_CODES = {KIND_LINALG: ErrorCode.SVD_FAILED, KIND_OVERFLOW: ErrorCode.RESULT_OVERFLOW}
+# KIND_INVALID is the compute module refusing its input, which the decoder checks first: were
+# one to get through, the same request would fail the same way again, so it is not INTERNAL
+# (retryable).
+_FAILURE_CODES = {
+    KIND_LINALG: ErrorCode.SVD_FAILED,
+    KIND_OVERFLOW: ErrorCode.RESULT_OVERFLOW,
+    KIND_INVALID: ErrorCode.INVALID_SCHEMA,
+}
 
 
 class ComputeFailed(Exception):

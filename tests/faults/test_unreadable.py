@@ -94,13 +94,17 @@ async def test_a_codec_the_service_lacks_is_dead_lettered_offset_by_offset(
     shim = tmp_path / "no-codecs" / "cramjam"
     shim.mkdir(parents=True)
     (shim / "__init__.py").write_text('raise ImportError("no compression codecs in this build")\n')
-    good_before, good_after, spread = _good(1, 10), _good(2, 10), _good(3, 30)
-    await send_all(kafka_bootstrap, topics.requests, good_before.values(), partition=0)
+    # A backlog on every partition and a budget of 4: reading past the bad batch fills the
+    # budget, and what it read must be held, never dropped.
+    good_before, good_after, spread = _good(1, 10), _good(2, 10), _good(3, 160)
+    # The bad batch first: the service's first fetch fails on it, reading past it overfills the
+    # budget at once, and every other partition waits with a backlog.
     zstd = await _send_batch(kafka_bootstrap, topics.requests, "zstd", 6, seed=4)
+    await send_all(kafka_bootstrap, topics.requests, good_before.values(), partition=0)
     await send_all(kafka_bootstrap, topics.requests, good_after.values(), partition=0)
     await send_all(kafka_bootstrap, topics.requests, spread.values())  # every partition
     service = ServiceProcess(
-        kafka_bootstrap, topics, tmp_path / "svc.log", pool_size=1,
+        kafka_bootstrap, topics, tmp_path / "svc.log", pool_size=1, max_inflight=4,
         extra_env={"PYTHONPATH": str(shim.parent)},
     )  # fmt: skip
     good = {**good_before, **good_after, **spread}

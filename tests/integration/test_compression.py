@@ -46,13 +46,15 @@ async def _compress_topics(bootstrap: str, topics: list[str], codec: str) -> Non
             described = await admin.describe_configs(
                 [ConfigResource(ConfigResourceType.TOPIC, name) for name in topics]
             )
-            values = {
-                entry[0]: entry[1]
+            # One codec per topic: both must have taken the change.
+            values = [
+                {entry[0]: entry[1] for entry in resource[4]}
                 for response in described
                 for resource in response.resources
-                for entry in resource[4]
-            }
-            if values.get("compression.type") == codec:
+            ]
+            if len(values) == len(topics) and all(
+                v.get("compression.type") == codec for v in values
+            ):
                 return
             await asyncio.sleep(0.1)
         raise AssertionError(f"compression.type never became {codec}: {values}")

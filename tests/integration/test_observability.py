@@ -80,7 +80,7 @@ async def test_every_metric_moves_as_the_service_works(
         good = _requests(4, seed=1)
         crash_id, crash = make_request(np.eye(5))
         expired_id, expired = make_request(np.eye(5), deadline_ms=int(time.time() * 1000) - 60_000)
-        garbage = (b"k", b"this is not a request", [])
+        garbage = (None, b"this is not a request", [])  # no key: no requester to answer
         sent = [m for _, m in good] + [_with_fault(crash, "kill_once"), expired, garbage]
         await produce(kafka_bootstrap, topics.requests, sent)
         value_bytes = sum(

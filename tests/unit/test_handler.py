@@ -16,6 +16,7 @@ from consumer.metrics import Metrics
 from consumer.offsets import OffsetTracker
 from consumer.pool import TaskFailed
 from consumer.publisher import Publisher
+from consumer.reply_topics import ReplyTopics
 from consumer.settings import ConsumerSettings
 from consumer.unreadable import unreadable_record
 from consumer.work import Computer
@@ -243,3 +244,51 @@ async def test_an_unreadable_record_gets_a_dead_letter_only() -> None:
     assert dead.meta.code == ErrorCode.UNREADABLE_RECORD and dead.meta.source_offset == 7
     assert dead.meta.truncated and dead.meta.value_bytes is None and dead.meta.request_id is None
     assert ledger.commit_position() == 8
+
+
+async def test_an_error_never_goes_to_a_reply_topic_that_was_not_checked() -> None:
+    producer = FlakyProducer()
+    # Expired (refused before compute), naming the requests topic as its reply topic.
+    _, message = make_request(np.ones((2, 2)), deadline_ms=1, reply_topic="svd-requests")
+    await _handler(producer, FailingPool(AssertionError())).handle(
+        prepare(_record(message), DecodeLimits()), _begun()
+    )
+    assert [topic for topic, _, _ in producer.sent] == ["svd-results", "svd-dlq"]
+    error = codec.decode_reply(producer.sent[0][1], producer.sent[0][2])
+    assert isinstance(error, ErrorResult) and error.code == ErrorCode.INVALID_SCHEMA
+
+
+async def test_an_error_goes_to_an_allowed_reply_topic() -> None:
+    async def topics() -> set[str]:
+        return {"svd-results", "svd-results.web-1"}
+
+    producer = FlakyProducer()
+    settings = ConsumerSettings(retry_backoff_s=0.0, shm_cache_bytes=0)
+    metrics = Metrics()
+    handler = RequestHandler(
+        settings,
+        Computer(settings, FailingPool(AssertionError()), metrics),  # type: ignore[arg-type]
+        Publisher(producer, backoff_s=0.0),  # type: ignore[arg-type]
+        metrics,
+        reply_topics=ReplyTopics.from_settings(settings, topics),
+    )
+    _, message = make_request(np.ones((2, 2)), deadline_ms=1, reply_topic="svd-results.web-1")
+    await handler.handle(prepare(_record(message), DecodeLimits()), _begun())
+    assert [topic for topic, _, _ in producer.sent] == ["svd-results.web-1", "svd-dlq"]
+    error = codec.decode_reply(producer.sent[0][1], producer.sent[0][2])
+    assert isinstance(error, ErrorResult) and error.code == ErrorCode.EXPIRED
+
+
+@pytest.mark.parametrize(("value", "refused"), [(1e39, True), (3e38, False), (-1e39, True)])
+def test_float64_input_beyond_float32_is_refused_when_computed_in_float32(
+    value: float, refused: bool
+) -> None:
+    matrix = np.ones((3, 3))
+    matrix[1, 2] = value
+    _, message = make_request(matrix, options={"dtype": "float32"})
+    prepared = prepare(_record(message), DecodeLimits())
+    if refused:
+        assert prepared.rejection is not None
+        assert prepared.rejection.code == ErrorCode.NON_FINITE
+    else:
+        assert prepared.rejection is None
