@@ -12,6 +12,7 @@ import logging
 import math
 import socket
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -188,8 +189,10 @@ class RequestHandler:
         metrics: Metrics,
         outbox: TransactionalOutbox | None = None,
         reply_topics: ReplyTopics | None = None,
+        topic_limits: Mapping[str, int] | None = None,
     ) -> None:
         self._settings = settings
+        self._topic_limits = dict(topic_limits or {})  # consumer/topic_limits.py
         self._computer = computer
         self._publisher = publisher
         self._metrics = metrics
@@ -304,7 +307,7 @@ class RequestHandler:
     async def _publish_dead_letter(self, prepared: Prepared, dead: DeadLetter) -> None:
         """Write the dead letter whole if it fits, else cut down; never a second answer."""
         topic = self._settings.dlq_topic
-        for max_bytes in (self._settings.max_message_bytes, _SMALLEST_DEAD_LETTER_BYTES):
+        for max_bytes in (self._limit(topic), _SMALLEST_DEAD_LETTER_BYTES):
             message = dead.encode(max_bytes)
             try:
                 await self._publisher.publish(topic, message, context=prepared.context)
@@ -322,6 +325,10 @@ class RequestHandler:
             topic, _SMALLEST_DEAD_LETTER_BYTES, extra=prepared.context,
         )  # fmt: skip
 
+    def _limit(self, topic: str) -> int:
+        """The largest record ``topic`` takes: its own max.message.bytes where it was read."""
+        return min(self._settings.max_message_bytes, self._topic_limits.get(topic, 1 << 62))
+
     def _count_dead_letter(self, dead: DeadLetter, message: codec.EncodedMessage) -> None:
         self._metrics.dead_lettered.inc()
         # Cut down to fit; an unreadable record's dead letter is "truncated" from the start.
@@ -338,14 +345,19 @@ class RequestHandler:
     ) -> None:
         """Exactly-once: the answer and the offset past it commit in one transaction."""
         record = prepared.record
-        limit = self._settings.max_message_bytes
         # A message the broker refuses would abort the whole transaction: check sizes first,
-        # and write the dead letter at a size the topics are configured to take.
-        if answer.reply is not None and len(answer.reply[1].value) > limit:
-            err = SvdServiceError(ErrorCode.LIMIT_EXCEEDED, f"the result exceeds {limit} bytes")
-            answer = self._failure(prepared, err, attempts=1, reply_to=answer.reply[0])
+        # and write the dead letter at a size its topic takes.
+        if answer.reply is not None:
+            topic, message = answer.reply
+            if message.size > self._limit(topic):
+                err = SvdServiceError(
+                    ErrorCode.LIMIT_EXCEEDED,
+                    f"the result takes {message.size} bytes; {topic} takes {self._limit(topic)}",
+                )
+                answer = self._failure(prepared, err, attempts=1, reply_to=topic)
         messages = [answer.reply] if answer.reply is not None else []
-        dead_letter = answer.dead_letter.encode(limit) if answer.dead_letter else None
+        dlq_limit = self._limit(self._settings.dlq_topic)
+        dead_letter = answer.dead_letter.encode(dlq_limit) if answer.dead_letter else None
         if dead_letter is not None:
             messages.append((self._settings.dlq_topic, dead_letter))
         tp = TopicPartition(record.topic, record.partition)

@@ -30,6 +30,7 @@ from consumer.publisher import Publisher
 from consumer.reply_topics import ReplyTopics
 from consumer.settings import ConsumerSettings
 from consumer.tasks import TaskSet
+from consumer.topic_limits import read_topic_limits
 from consumer.transactions import TransactionalOutbox
 from consumer.unreadable import UNREADABLE_ERRORS, UnreadableReader
 from consumer.work import Computer
@@ -228,7 +229,17 @@ class SvdService:
         publisher = Publisher(self._producer, on_retry=m.publish_retries.inc)
         self._computer = Computer(s, self.pool, m)
         reply_topics = ReplyTopics.from_settings(s, self._list_topics)
-        self._handler = RequestHandler(s, self._computer, publisher, m, self._outbox, reply_topics)
+        topic_limits = await read_topic_limits(
+            s.bootstrap_servers,
+            [s.results_topic, s.dlq_topic],
+            client_id=f"{s.instance_id}-admin",
+            security=security,
+            timeout_s=s.session_timeout_s,
+        )
+        log.info("output topics take records up to %s bytes", topic_limits or "unknown")
+        self._handler = RequestHandler(
+            s, self._computer, publisher, m, self._outbox, reply_topics, topic_limits
+        )
         self._background.spawn(
             self._commit_every(s.commit_interval_s), name="committer", critical=True
         )

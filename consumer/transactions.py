@@ -186,11 +186,14 @@ class TransactionalOutbox:
     async def _commit(self, outbox: _PartitionOutbox, batch: list[int]) -> None:
         producer = outbox.producer
         async with producer.transaction():
-            for offset in batch:
-                answer, _ = outbox.staged[offset]
-                for topic, message in answer:
-                    await producer.send(
-                        topic, message.value, key=message.key, headers=message.headers
-                    )
+            acks = [
+                await producer.send(topic, message.value, key=message.key, headers=message.headers)
+                for offset in batch
+                for topic, message in outbox.staged[offset][0]
+            ]
+            # aiokafka commits a transaction even when a send in it failed (seen with a dead
+            # letter its topic refused: the offset was committed, the dead letter lost). Every
+            # acknowledgement is awaited here, so a failure aborts the transaction instead.
+            await asyncio.gather(*acks)
             await producer.send_offsets_to_transaction({outbox.tp: batch[-1] + 1}, self._group_id)
         self.transactions += 1

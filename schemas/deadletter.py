@@ -13,7 +13,7 @@ from schemas._validation import is_decimal, validate
 from schemas.errors import ContractError, ErrorCode
 from schemas.headers import DLQ_PREFIX, ReceivedHeaders
 from schemas.models import DeadLetterMeta
-from schemas.records import Buffer, EncodedMessage
+from schemas.records import Buffer, EncodedMessage, record_size
 
 DLQ_HEADERS: dict[str, str] = {
     field: DLQ_PREFIX + field.replace("_", "-") for field in DeadLetterMeta.model_fields
@@ -30,10 +30,6 @@ _INT_FIELDS = frozenset(
 )
 _BOOL_FIELDS = frozenset({"truncated"})
 
-# What a record costs beyond its key, value and header bytes (batch and record framing, varints),
-# rounded up generously: a dead letter sized to a limit must never be refused for a few bytes.
-_RECORD_OVERHEAD = 512
-_HEADER_OVERHEAD = 16
 # A truncated dead letter keeps at most this much of each original header, and of the key: enough
 # to recognise a request (its svd-meta head holds the request id), not enough to crowd out the
 # value's prefix.
@@ -84,26 +80,17 @@ def encode_dead_letter(
         key = (meta.request_id or "").encode()
     if meta.value_bytes is None and not meta.truncated:
         meta = meta.model_copy(update={"value_bytes": len(value)})
-    full = _size(key, value, [*headers, *dead_letter_headers(meta)])
+    full = record_size(key, value, [*headers, *dead_letter_headers(meta)])
     if max_bytes is not None and full > max_bytes:
         meta = meta.model_copy(update={"truncated": True})
         key = key[:TRUNCATED_FIELD_BYTES]
         headers = [(name[:256], v[:TRUNCATED_FIELD_BYTES]) for name, v in headers]
-        room = max_bytes - _size(key, b"", [*headers, *dead_letter_headers(meta)])
+        room = max_bytes - record_size(key, b"", [*headers, *dead_letter_headers(meta)])
         if room < 0:  # even the cut headers crowd the limit: keep the service's own
             headers = []
-            room = max_bytes - _size(key, b"", dead_letter_headers(meta))
+            room = max_bytes - record_size(key, b"", dead_letter_headers(meta))
         value = value[: max(room, 0)]
     return EncodedMessage(key=key, value=value, headers=[*headers, *dead_letter_headers(meta)])
-
-
-def _size(key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> int:
-    return (
-        _RECORD_OVERHEAD
-        + len(key)
-        + len(value)
-        + sum(len(name.encode()) + len(v) + _HEADER_OVERHEAD for name, v in headers)
-    )
 
 
 def read_dead_letter(value: Buffer | None, headers: ReceivedHeaders) -> DeadLetter:

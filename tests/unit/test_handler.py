@@ -292,3 +292,24 @@ def test_float64_input_beyond_float32_is_refused_when_computed_in_float32(
         assert prepared.rejection.code == ErrorCode.NON_FINITE
     else:
         assert prepared.rejection is None
+
+
+async def test_a_dead_letter_is_sized_to_its_topic_when_the_cluster_said_what_it_takes() -> None:
+    producer = FlakyProducer()
+    settings = ConsumerSettings(retry_backoff_s=0.0, shm_cache_bytes=0)
+    metrics = Metrics()
+    handler = RequestHandler(
+        settings,
+        Computer(settings, FailingPool(AssertionError()), metrics),  # type: ignore[arg-type]
+        Publisher(producer, backoff_s=0.0),  # type: ignore[arg-type]
+        metrics,
+        topic_limits={"svd-dlq": 100_000, "svd-results": 64 << 20},
+    )
+    value = b'{"request_id": "sized-1", "pad": "' + b"x" * 500_000 + b'"'
+    record = _record(codec.EncodedMessage(key=b"sized-1", value=value, headers=[]))
+    await handler.handle(prepare(record, DecodeLimits()), _begun())
+    assert producer.attempts == 2  # the error result, and the dead letter once: never refused
+    (dlq,) = [(v, h) for topic, v, h in producer.sent if topic == "svd-dlq"]
+    dead = read_dead_letter(*dlq)
+    assert dead.meta.truncated and dead.meta.value_bytes == len(value)
+    assert codec.EncodedMessage(key=b"sized-1", value=dlq[0], headers=dlq[1]).size <= 100_000

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from aiokafka import TopicPartition
-from aiokafka.errors import KafkaConnectionError, ProducerFenced
+from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError, ProducerFenced
 
 from consumer.offsets import OffsetTracker
 from consumer.transactions import NotDelivered, TransactionalOutbox, transactional_id
@@ -25,6 +25,7 @@ class FakeTxnProducer:
         self.txn_id = txn_id
         self.committed: list[tuple[list[bytes], dict[TopicPartition, int]]] = []
         self.fail_next: Exception | None = None
+        self.fail_send: Exception | None = None  # the next send's acknowledgement fails
         self.started = self.stopped = False
         self._open: tuple[list[bytes], dict[TopicPartition, int]] | None = None
 
@@ -45,9 +46,16 @@ class FakeTxnProducer:
         self.committed.append(self._open)
         self._open = None
 
-    async def send(self, topic: str, value: bytes, **kw: Any) -> None:
+    async def send(self, topic: str, value: bytes, **kw: Any) -> asyncio.Future[None]:
         assert self._open is not None
-        self._open[0].append(value)
+        ack: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self.fail_send is not None:  # as the broker does: the refused record is not written
+            ack.set_exception(self.fail_send)
+            self.fail_send = None
+        else:
+            self._open[0].append(value)
+            ack.set_result(None)
+        return ack
 
     async def send_offsets_to_transaction(
         self, offsets: dict[TopicPartition, int], group_id: str
@@ -161,3 +169,15 @@ async def test_answers_of_a_partition_whose_producer_still_starts_wait_for_it() 
     await opening
     await delivery
     assert producers[transactional_id("svc", TP)].committed == [([b"r0"], {TP: 1})]
+
+
+async def test_a_send_that_fails_aborts_its_transaction_and_is_retried() -> None:
+    outbox, producers = await _outbox()
+    (producer,) = producers.values()
+    ledger = OffsetTracker().ledger(TP)
+    ledger.begin(0)
+    producer.fail_send = MessageSizeTooLargeError("refused by the topic")
+    await asyncio.wait_for(outbox.deliver(TP, ledger, 0, _answer(b"a")), 10)
+    # The first transaction was aborted, not committed without its message; the retry commits.
+    assert producer.committed == [([b"a"], {TP: 1})]
+    assert ledger.commit_position() == 1
