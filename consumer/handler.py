@@ -361,8 +361,21 @@ class RequestHandler:
         if dead_letter is not None:
             messages.append((self._settings.dlq_topic, dead_letter))
         tp = TopicPartition(record.topic, record.partition)
+
+        def refused(code: ErrorCode, reason: str) -> list[tuple[str, codec.EncodedMessage]]:
+            # As at least once: the refusal becomes the one answer, on the results topic, and
+            # the dead letter is cut to what any topic takes.
+            err = SvdServiceError(code, f"the answer could not be published: {reason}")
+            results = self._settings.results_topic
+            fallback = self._failure(prepared, err, attempts=1, reply_to=results)
+            out = [fallback.reply] if fallback.reply is not None else []
+            if fallback.dead_letter is not None:
+                dlq = fallback.dead_letter.encode(_SMALLEST_DEAD_LETTER_BYTES)
+                out.append((self._settings.dlq_topic, dlq))
+            return out
+
         try:
-            await outbox.deliver(tp, ledger, record.offset, messages)
+            await outbox.deliver(tp, ledger, record.offset, messages, refused)
         except NotDelivered as exc:
             log.info(
                 "answer not committed (%s); the partition's owner answers it",

@@ -19,6 +19,18 @@ from schemas.errors import ErrorCode
 log = logging.getLogger(__name__)
 
 
+# Refusals retrying cannot help, and the code an answer refused so is given.
+REFUSALS: dict[type[KafkaError], ErrorCode] = {
+    MessageSizeTooLargeError: ErrorCode.LIMIT_EXCEEDED,
+    TopicAuthorizationFailedError: ErrorCode.INVALID_SCHEMA,
+}
+
+
+def refusal_code(exc: BaseException) -> ErrorCode | None:
+    """The error code for a refusal that is final (``REFUSALS``), or None when a retry may pass."""
+    return next((code for kind, code in REFUSALS.items() if isinstance(exc, kind)), None)
+
+
 class PublishRejected(Exception):
     """The broker refused the message for good (too large, or the topic is not ours to write);
     retrying cannot help."""
@@ -57,15 +69,12 @@ class Publisher:
                 )
                 await ack
                 return
-            except MessageSizeTooLargeError as exc:
-                raise PublishRejected(
-                    f"{topic} refused {len(message.value)} bytes", ErrorCode.LIMIT_EXCEEDED
-                ) from exc
-            except TopicAuthorizationFailedError as exc:
-                raise PublishRejected(
-                    f"not authorized to write to {topic}", ErrorCode.INVALID_SCHEMA
-                ) from exc
             except KafkaError as exc:
+                code = refusal_code(exc)
+                if code is not None:
+                    raise PublishRejected(
+                        f"{topic} refused {len(message.value)} bytes: {exc!r}", code
+                    ) from exc
                 self._on_retry()
                 log.warning(
                     "publish to %s failed (%r); retrying in %.1fs",

@@ -25,11 +25,15 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import InvalidProducerEpoch, KafkaError, ProducerFenced
 
 from consumer.offsets import PartitionLedger
+from consumer.publisher import refusal_code
 from schemas.codec import EncodedMessage
+from schemas.errors import ErrorCode
 
 log = logging.getLogger(__name__)
 
 Answer = list[tuple[str, EncodedMessage]]
+# What to write instead of an answer the broker refused for good (its error code, why).
+Fallback = Callable[[ErrorCode, str], Answer]
 ProducerFactory = Callable[[str], AIOKafkaProducer]
 
 
@@ -43,11 +47,21 @@ def transactional_id(prefix: str, tp: TopicPartition) -> str:
 
 
 @dataclass(eq=False)
+class _Staged:
+    answer: Answer
+    done: asyncio.Future[None]
+    fallback: Fallback | None
+    fell_back: bool = False
+
+
+@dataclass(eq=False)
 class _PartitionOutbox:
     tp: TopicPartition
     producer: AIOKafkaProducer
     ledger: PartitionLedger | None = None
-    staged: dict[int, tuple[Answer, asyncio.Future[None]]] = field(default_factory=dict)
+    staged: dict[int, _Staged] = field(default_factory=dict)
+    # After a refusal, one offset per transaction until the answer at fault is replaced.
+    one_at_a_time: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     ready: asyncio.Event = field(default_factory=asyncio.Event)  # the producer has started
     closed: bool = False
@@ -55,9 +69,9 @@ class _PartitionOutbox:
     def abandon(self, reason: str) -> None:
         self.closed = True
         self.ready.set()  # wake deliveries waiting for the start: they see `closed`
-        for _, done in self.staged.values():
-            if not done.done():
-                done.set_exception(NotDelivered(reason))
+        for staged in self.staged.values():
+            if not staged.done.done():
+                staged.done.set_exception(NotDelivered(reason))
         self.staged.clear()
 
 
@@ -129,9 +143,19 @@ class TransactionalOutbox:
         await self.close(set(self._partitions))
 
     async def deliver(
-        self, tp: TopicPartition, ledger: PartitionLedger, offset: int, answer: Answer
+        self,
+        tp: TopicPartition,
+        ledger: PartitionLedger,
+        offset: int,
+        answer: Answer,
+        fallback: Fallback | None = None,
     ) -> None:
-        """Return once ``answer`` and the offset past it are committed; else ``NotDelivered``."""
+        """Return once ``answer`` and the offset past it are committed; else ``NotDelivered``.
+
+        A record of it the broker refuses for good (too large for its topic, a topic the
+        service may not write) aborts every transaction it is in: it is then written as
+        ``fallback`` says instead, once, or as nothing if that is refused too.
+        """
         outbox = self._partitions.get(tp)
         if outbox is not None:
             await outbox.ready.wait()
@@ -139,7 +163,7 @@ class TransactionalOutbox:
             raise NotDelivered(f"{tp.topic}-{tp.partition} is not ours any more")
         outbox.ledger = ledger
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        outbox.staged[offset] = (answer, done)
+        outbox.staged[offset] = _Staged(answer, done, fallback)
         await self._flush(outbox)
         await done
 
@@ -159,6 +183,8 @@ class TransactionalOutbox:
                 batch = outbox.ledger.ready_prefix(outbox.staged)
                 if not batch:
                     return
+                if outbox.one_at_a_time:
+                    batch = batch[:1]
                 try:
                     await self._commit(outbox, batch)
                 except (ProducerFenced, InvalidProducerEpoch):
@@ -170,6 +196,10 @@ class TransactionalOutbox:
                     self._on_fenced(outbox.tp)
                     return
                 except KafkaError as exc:
+                    code = refusal_code(exc)
+                    if code is not None:  # retrying the same records cannot help
+                        self._replace_refused(outbox, batch, code, exc)
+                        continue
                     log.warning(
                         "transaction on %s-%d failed (%r); retrying in %.1fs",
                         outbox.tp.topic, outbox.tp.partition, exc, delay,
@@ -177,11 +207,31 @@ class TransactionalOutbox:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, self._max_backoff_s)
                     continue
+                outbox.one_at_a_time = False  # progress: the next refusal searches afresh
                 for offset in batch:
                     outbox.ledger.finish(offset)
-                    _, done = outbox.staged.pop(offset)
+                    done = outbox.staged.pop(offset).done
                     if not done.done():
                         done.set_result(None)
+
+    def _replace_refused(
+        self, outbox: _PartitionOutbox, batch: list[int], code: ErrorCode, exc: KafkaError
+    ) -> None:
+        """A batch was refused for good: find the answer at fault (one offset per transaction),
+        then write its fallback instead; a refused fallback is written as nothing."""
+        if len(batch) > 1:
+            outbox.one_at_a_time = True
+            return
+        (offset,) = batch
+        staged = outbox.staged[offset]
+        where = f"{outbox.tp.topic}-{outbox.tp.partition}@{offset}"
+        if staged.fallback is not None and not staged.fell_back:
+            log.warning("the answer to %s was refused (%r); writing its fallback", where, exc)
+            staged.answer = staged.fallback(code, repr(exc))
+            staged.fell_back = True
+        else:
+            log.error("the fallback for %s was refused too (%r); committing past it", where, exc)
+            staged.answer = []
 
     async def _commit(self, outbox: _PartitionOutbox, batch: list[int]) -> None:
         producer = outbox.producer
@@ -189,7 +239,7 @@ class TransactionalOutbox:
             acks = [
                 await producer.send(topic, message.value, key=message.key, headers=message.headers)
                 for offset in batch
-                for topic, message in outbox.staged[offset][0]
+                for topic, message in outbox.staged[offset].answer
             ]
             # aiokafka commits a transaction even when a send in it failed (seen with a dead
             # letter its topic refused: the offset was committed, the dead letter lost). Every

@@ -9,11 +9,17 @@ from typing import Any
 
 import pytest
 from aiokafka import TopicPartition
-from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError, ProducerFenced
+from aiokafka.errors import (
+    KafkaConnectionError,
+    MessageSizeTooLargeError,
+    NotLeaderForPartitionError,
+    ProducerFenced,
+)
 
 from consumer.offsets import OffsetTracker
 from consumer.transactions import NotDelivered, TransactionalOutbox, transactional_id
 from schemas.codec import EncodedMessage
+from schemas.errors import ErrorCode
 
 TP = TopicPartition("svd-requests", 3)
 
@@ -26,6 +32,7 @@ class FakeTxnProducer:
         self.committed: list[tuple[list[bytes], dict[TopicPartition, int]]] = []
         self.fail_next: Exception | None = None
         self.fail_send: Exception | None = None  # the next send's acknowledgement fails
+        self.refuse: set[bytes] = set()  # values the "broker" refuses for good, every time
         self.started = self.stopped = False
         self._open: tuple[list[bytes], dict[TopicPartition, int]] | None = None
 
@@ -52,6 +59,8 @@ class FakeTxnProducer:
         if self.fail_send is not None:  # as the broker does: the refused record is not written
             ack.set_exception(self.fail_send)
             self.fail_send = None
+        elif value in self.refuse:
+            ack.set_exception(MessageSizeTooLargeError(f"{topic} refuses {value!r}"))
         else:
             self._open[0].append(value)
             ack.set_result(None)
@@ -176,8 +185,49 @@ async def test_a_send_that_fails_aborts_its_transaction_and_is_retried() -> None
     (producer,) = producers.values()
     ledger = OffsetTracker().ledger(TP)
     ledger.begin(0)
-    producer.fail_send = MessageSizeTooLargeError("refused by the topic")
+    producer.fail_send = NotLeaderForPartitionError("a leader moved")
     await asyncio.wait_for(outbox.deliver(TP, ledger, 0, _answer(b"a")), 10)
     # The first transaction was aborted, not committed without its message; the retry commits.
     assert producer.committed == [([b"a"], {TP: 1})]
     assert ledger.commit_position() == 1
+
+
+async def _deliver_three(
+    refuse: set[bytes], fallback_value: bytes
+) -> tuple[FakeTxnProducer, list[tuple[ErrorCode, str]], Any]:
+    outbox, producers = await _outbox()
+    (producer,) = producers.values()
+    producer.refuse = refuse
+    ledger = OffsetTracker().ledger(TP)
+    for offset in range(3):
+        ledger.begin(offset)
+    calls: list[tuple[ErrorCode, str]] = []
+
+    def fallback(code: ErrorCode, reason: str) -> list[tuple[str, EncodedMessage]]:
+        calls.append((code, reason))
+        return _answer(fallback_value)
+
+    # Staged together behind offset 0, so they first go out in one transaction.
+    later = [
+        asyncio.create_task(outbox.deliver(TP, ledger, offset, _answer(tag), fallback))
+        for offset, tag in ((1, b"b"), (2, b"c"))
+    ]
+    await asyncio.sleep(0)
+    await asyncio.wait_for(outbox.deliver(TP, ledger, 0, _answer(b"a"), fallback), 10)
+    await asyncio.wait_for(asyncio.gather(*later), 10)
+    return producer, calls, ledger
+
+
+async def test_an_answer_refused_for_good_is_found_and_replaced_by_its_fallback() -> None:
+    producer, calls, ledger = await _deliver_three({b"b"}, b"b-refused")
+    written = [value for values, _ in producer.committed for value in values]
+    assert written == [b"a", b"b-refused", b"c"]  # in order, each once, nothing lost
+    assert [code for code, _ in calls] == [ErrorCode.LIMIT_EXCEEDED]
+    assert producer.committed[-1][1] == {TP: 3} and ledger.commit_position() == 3
+
+
+async def test_a_refused_fallback_is_committed_past_with_nothing() -> None:
+    producer, calls, ledger = await _deliver_three({b"b", b"b-refused"}, b"b-refused")
+    written = [value for values, _ in producer.committed for value in values]
+    assert written == [b"a", b"c"] and len(calls) == 1
+    assert ledger.commit_position() == 3
