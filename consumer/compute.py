@@ -14,6 +14,7 @@ Errors:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -130,9 +131,42 @@ def svd(
     m, n = a.shape
     output_shapes(m, n, full_matrices=full_matrices, compute_uv=compute_uv, k=k)
     truncated.check((m, n), k, sparse=sparse, algorithm=algorithm)
+    # Entries whose squares overflow (or underflow) the dtype: LAPACK scales dense input itself
+    # (and prints DLASCL complaints doing so), ARPACK does not and fails. A power of two scales
+    # exactly; the singular values are scaled back, and overflow there is the caller's to see.
+    exponent = extreme_exponent(a)
+    if exponent:
+        a = _ldexp(a, -exponent)
     if k is not None:
-        return _top_k(a, int(k), compute_uv=compute_uv, algorithm=algorithm, seed=seed)
-    return _dense(a, full_matrices=full_matrices, compute_uv=compute_uv)
+        factors = _top_k(a, int(k), compute_uv=compute_uv, algorithm=algorithm, seed=seed)
+    else:
+        factors = _dense(a, full_matrices=full_matrices, compute_uv=compute_uv)
+    if not exponent:
+        return factors
+    with np.errstate(over="ignore"):
+        return dataclasses.replace(factors, s=np.ldexp(factors.s, exponent))
+
+
+def extreme_exponent(a: Any) -> int:
+    """The power of two to divide ``a`` by so its largest entry is near 1, when the squares of
+    its entries would overflow or underflow its dtype; 0 when they would not."""
+    values = a.data if truncated.is_sparse(a) else a
+    if values.size == 0:
+        return 0
+    largest = max(float(values.max()), -float(values.min()))
+    info = np.finfo(values.dtype)
+    if largest == 0.0 or 2.0 ** (info.minexp // 2) <= largest <= 2.0 ** (info.maxexp // 2):
+        return 0
+    return math.frexp(largest)[1]
+
+
+def _ldexp(a: Any, exponent: int) -> Any:
+    """``a * 2**exponent``, exactly, as a new matrix of the same kind and dtype."""
+    if truncated.is_sparse(a):
+        scaled = a.copy()
+        scaled.data = np.ldexp(a.data, exponent).astype(a.dtype, copy=False)
+        return scaled
+    return np.ldexp(a, exponent).astype(a.dtype, copy=False)
 
 
 def quality(
@@ -151,6 +185,9 @@ def quality(
     O(m³) for a tall matrix, more than the SVD itself. A sparse ``a`` is not densified (see
     ``truncated.sparse_quality``).
     """
+    exponent = extreme_exponent(a)  # relative figures: scale so that norms do not overflow
+    if exponent:
+        a, s = _ldexp(a, -exponent), np.ldexp(np.asarray(s, dtype=np.float64), -exponent)
     if truncated.is_sparse(a):
         return Quality(*truncated.sparse_quality(a, u, s, vt))
     r = s.shape[0]

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
+import scipy.sparse
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -258,3 +259,36 @@ def test_top_k_values_match_numpy(a: npt.NDArray[Any], data: st.DataObject) -> N
     assert f.u.shape == (a.shape[0], k) and f.vt.shape == (k, a.shape[1])
     bound = _TOLERANCE[a.dtype] * np.sqrt(a.size) * max(float(reference[0]), 1e-300)
     assert np.abs(f.s.astype(np.float64) - reference).max() <= bound
+
+
+@pytest.mark.parametrize(
+    ("matrix", "kwargs"),
+    [
+        (np.random.default_rng(5).standard_normal((60, 40)) * 1e300, {}),
+        (np.random.default_rng(5).standard_normal((60, 40)) * 1e-300, {}),
+        (np.random.default_rng(5).standard_normal((60, 40)).astype(np.float32) * 1e30, {}),
+        (
+            np.random.default_rng(5).standard_normal((60, 40)) * 1e300,
+            {"k": 3, "algorithm": "arpack"},
+        ),
+        (scipy.sparse.random(60, 40, density=0.2, random_state=5, format="csr") * 1e300, {"k": 3}),
+    ],
+    ids=["huge", "tiny", "huge-float32", "huge-arpack", "huge-sparse"],
+)
+def test_extreme_scales_are_computed_as_well_as_ordinary_ones(
+    matrix: Any, kwargs: dict[str, Any]
+) -> None:
+    # Squares of these entries overflow or underflow the dtype; ARPACK failed on them.
+    factors = compute.svd(matrix, **kwargs)
+    assert factors.u is not None and factors.vt is not None and np.isfinite(factors.s).all()
+    figures = compute.quality(matrix, factors.u, factors.s, factors.vt)
+    tol = 1e-3 if factors.s.dtype == np.float32 else 1e-6
+    assert figures.orthogonality < tol
+    if "k" not in kwargs:
+        assert figures.reconstruction < tol
+
+
+def test_singular_values_beyond_the_dtype_come_back_infinite_for_the_caller_to_refuse() -> None:
+    for matrix in (np.full((4, 4), 1e308), scipy.sparse.coo_array(np.full((2, 2), 1e308))):
+        factors = compute.svd(matrix, k=1)
+        assert np.isinf(factors.s[0])
