@@ -393,10 +393,15 @@ class RequestHandler:
 
         Decided before any answer is built, so no path can write to a topic that was never
         checked: another tenant's, the requests topic, one that does not exist (publishing
-        there would be retried forever).
+        there would be retried forever). A client that reads only its own reply topic gets
+        its errors there too, even for a request that failed to decode.
         """
         results = self._settings.results_topic
-        wanted = prepared.request.meta.reply_topic if prepared.request is not None else None
+        record = prepared.record
+        if prepared.request is not None:
+            wanted = prepared.request.meta.reply_topic
+        else:  # refused while decoding: its error still goes where it asked, if that is readable
+            wanted = codec.recover_reply_topic(record.value or b"", list(record.headers))
         if not wanted or wanted == results:
             return results, None
         if self._reply_topics is None:

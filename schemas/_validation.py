@@ -233,6 +233,16 @@ def is_valid_request_id(value: object) -> bool:
     )
 
 
+# Kafka's rule for topic names, as schemas.models.TopicName states it.
+_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
+
+
+def is_valid_topic_name(value: object) -> bool:
+    return (
+        type(value) is str and _TOPIC_NAME.fullmatch(value) is not None and value not in (".", "..")
+    )
+
+
 def check_schema_version(obj: dict[str, Any], what: str, request_id: str | None) -> None:
     # Checked before the model: a future version may have fields this one would call invalid.
     if "schema_version" not in obj:

@@ -22,6 +22,7 @@ from schemas._validation import (
     check_structure,
     check_version_header,
     is_valid_request_id,
+    is_valid_topic_name,
     load_json_object,
     peek_request_id,
     validate,
@@ -68,6 +69,7 @@ __all__ = [
     "encode_request",
     "encode_result",
     "read_dead_letter",
+    "recover_reply_topic",
     "recover_request_id",
 ]
 
@@ -435,7 +437,6 @@ def _result(
 # Only the head of a large JSON value is searched: well-formed producers put request_id before
 # the matrix, and a failing message should not cost a full parse twice.
 _RECOVER_PARSE_BYTES = 64 * 1024
-_REQUEST_ID_RE = re.compile(rb'"request_id"\s*:\s*("(?:[^"\\\x00-\x1f]|\\.){1,128}")')
 
 
 def recover_request_id(
@@ -459,22 +460,44 @@ def recover_request_id(
     return found
 
 
+def recover_reply_topic(value: Buffer, headers: ReceivedHeaders) -> str | None:
+    """Best-effort reply topic of a record that failed to decode, read as the request id is
+    (``recover_request_id``), so an error reaches a requester that reads only its own topic.
+    Never raises; None when there is none. The caller still checks it before writing there.
+    """
+    metas = [raw for name, raw in headers if isinstance(name, str) and name.lower() == SVD_META]
+    return _member_in_json(metas[0] or b"" if metas else value, "reply_topic")
+
+
 def _id_in_json(data: Buffer) -> str | None:
+    return _member_in_json(data, "request_id")
+
+
+_MEMBER_RES = {
+    name: re.compile(rb'"%s"\s*:\s*("(?:[^"\\\x00-\x1f]|\\.){1,%d}")' % (name.encode(), longest))
+    for name, longest in (("request_id", 128), ("reply_topic", 249))
+}
+_MEMBER_VALID = {"request_id": is_valid_request_id, "reply_topic": is_valid_topic_name}
+
+
+def _member_in_json(data: Buffer, name: str) -> str | None:
+    valid = _MEMBER_VALID[name]
     try:
         view = _view(data)
         if view.nbytes <= _RECOVER_PARSE_BYTES:
             try:
-                found = peek_request_id(orjson.loads(view))
+                obj = orjson.loads(view)
             except orjson.JSONDecodeError:
-                found = None
-            if found is not None:
-                return found
+                obj = None
+            found = obj.get(name) if type(obj) is dict else None
+            if valid(found):
+                return str(found)
         # Unparseable, too large to parse, or well-formed but not a request object (an array
-        # holding one, say): a request_id member in its head still names the requester.
-        match = _REQUEST_ID_RE.search(bytes(view[:_RECOVER_PARSE_BYTES]))
+        # holding one, say): the member in its head still names the requester.
+        match = _MEMBER_RES[name].search(bytes(view[:_RECOVER_PARSE_BYTES]))
         if match is None:
             return None
         candidate = orjson.loads(match.group(1))
-        return candidate if is_valid_request_id(candidate) else None
+        return candidate if valid(candidate) else None
     except Exception:
         return None

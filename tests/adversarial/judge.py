@@ -321,7 +321,9 @@ def factor_problem(
     """Why ``result`` is not the SVD the options asked for, or None when it is."""
     if matrix is None:
         return "the corpus has no matrix for this record"
-    a = matrix.astype(np.float64)
+    # Compared at unit scale: the norms of entries near 1e300 overflow a double.
+    unit = float(np.max(np.abs(matrix), initial=0.0)) or 1.0
+    a = matrix.astype(np.float64) / unit
     m, n = a.shape
     dtype = options.get("dtype") or matrix.dtype.name
     k = options.get("k")
@@ -335,7 +337,7 @@ def factor_problem(
     true_s = np.linalg.svd(a, compute_uv=False)[:r]
     scale = float(true_s[0]) if true_s.size else 0.0
     tol = (5e-3 if dtype == "float32" else 1e-6) * scale
-    s64 = s.astype(np.float64)
+    s64 = s.astype(np.float64) / unit
     if float(np.max(np.abs(s64 - true_s))) > tol:
         return f"s = {s64[:4]} but numpy says {true_s[:4]}"
     if not options.get("compute_uv", True):

@@ -313,3 +313,31 @@ async def test_a_dead_letter_is_sized_to_its_topic_when_the_cluster_said_what_it
     dead = read_dead_letter(*dlq)
     assert dead.meta.truncated and dead.meta.value_bytes == len(value)
     assert codec.EncodedMessage(key=b"sized-1", value=dlq[0], headers=dlq[1]).size <= 100_000
+
+
+async def test_an_error_for_a_request_that_did_not_decode_goes_to_its_allowed_reply_topic() -> None:
+    async def topics() -> set[str]:
+        return {"svd-results", "svd-results.web-1"}
+
+    producer = FlakyProducer()
+    settings = ConsumerSettings(retry_backoff_s=0.0, shm_cache_bytes=0)
+    metrics = Metrics()
+    handler = RequestHandler(
+        settings,
+        Computer(settings, FailingPool(AssertionError()), metrics),  # type: ignore[arg-type]
+        Publisher(producer, backoff_s=0.0),  # type: ignore[arg-type]
+        metrics,
+        reply_topics=ReplyTopics.from_settings(settings, topics),
+    )
+    for reply_topic, expected in (("svd-results.web-1", "svd-results.web-1"),
+                                  ("svd-requests", "svd-results")):  # fmt: skip
+        value = (
+            b'{"schema_version": 1, "request_id": "nan-1", "reply_topic": "%s", "matrix": '
+            b'{"shape": [1, 2], "dtype": "float64", "data": [1, NaN]}}' % reply_topic.encode()
+        )
+        producer.sent.clear()
+        record = _record(codec.EncodedMessage(key=b"nan-1", value=value, headers=[]))
+        await handler.handle(prepare(record, DecodeLimits()), _begun())
+        assert [topic for topic, _, _ in producer.sent] == [expected, "svd-dlq"]
+        error = codec.decode_reply(producer.sent[0][1], producer.sent[0][2])
+        assert isinstance(error, ErrorResult) and error.code == ErrorCode.NON_FINITE

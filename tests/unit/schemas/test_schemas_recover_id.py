@@ -6,6 +6,7 @@ import orjson
 import pytest
 
 from schemas import recover_request_id
+from schemas.codec import recover_reply_topic
 from tests.unit.schemas.builders import JSON, binary_request, json_request, request_obj
 
 
@@ -84,3 +85,18 @@ def test_not_from_a_key_that_is_no_request_id(key: bytes) -> None:
 def test_from_a_request_wrapped_in_an_array() -> None:
     value = b'[{"schema_version": 1, "request_id": "wrapped-1", "matrix": {}}]'
     assert recover_request_id(value, JSON) == "wrapped-1"
+
+
+def test_the_reply_topic_of_a_request_that_did_not_decode() -> None:
+    value, headers = json_request(request_id="r-1", reply_topic="svd-results.web-1", colour=1)
+    assert recover_reply_topic(value, headers) == "svd-results.web-1"
+    meta = b'{"request_id": "r-2", "reply_topic": "svd-results.web-2", "matrix": 5}'
+    assert recover_reply_topic(b"\x00" * 8, [("svd-meta", meta)]) == "svd-results.web-2"
+    truncated = b'{"request_id": "r-3", "reply_topic": "svd-results.web-3", "matrix": {"data": [1,'
+    assert recover_reply_topic(truncated, JSON) == "svd-results.web-3"
+
+
+@pytest.mark.parametrize("topic", ["bad topic", "", ".", "x" * 250, 5])
+def test_no_reply_topic_that_kafka_would_not_take(topic: object) -> None:
+    value = orjson.dumps({"request_id": "r-4", "reply_topic": topic})
+    assert recover_reply_topic(value, JSON) is None
