@@ -76,12 +76,25 @@ def _record(message: codec.EncodedMessage, offset: int = 0) -> ConsumerRecord[by
     )  # fmt: skip
 
 
-def _handler(producer: FlakyProducer, pool: Any) -> RequestHandler:
+SETTINGS = ConsumerSettings(retry_backoff_s=0.0, shm_cache_bytes=0)
+
+
+def _handler(producer: FlakyProducer, pool: Any, **options: Any) -> RequestHandler:
     # No segment cache: nothing here closes the Computer, so nothing may outlive a job.
-    settings = ConsumerSettings(retry_backoff_s=0.0, shm_cache_bytes=0)
     metrics = Metrics()
     publisher = Publisher(producer, backoff_s=0.0)  # type: ignore[arg-type]
-    return RequestHandler(settings, Computer(settings, pool, metrics), publisher, metrics)
+    return RequestHandler(
+        SETTINGS, Computer(SETTINGS, pool, metrics), publisher, metrics, **options
+    )
+
+
+def _reply_topics() -> ReplyTopics:
+    """The default rules, in a cluster that has the results topic and svd-results.web-1."""
+
+    async def topics() -> set[str]:
+        return {"svd-results", "svd-results.web-1"}
+
+    return ReplyTopics.from_settings(SETTINGS, topics)
 
 
 async def test_the_offset_is_done_only_after_the_answer_is_acknowledged() -> None:
@@ -259,19 +272,8 @@ async def test_an_error_never_goes_to_a_reply_topic_that_was_not_checked() -> No
 
 
 async def test_an_error_goes_to_an_allowed_reply_topic() -> None:
-    async def topics() -> set[str]:
-        return {"svd-results", "svd-results.web-1"}
-
     producer = FlakyProducer()
-    settings = ConsumerSettings(retry_backoff_s=0.0, shm_cache_bytes=0)
-    metrics = Metrics()
-    handler = RequestHandler(
-        settings,
-        Computer(settings, FailingPool(AssertionError()), metrics),  # type: ignore[arg-type]
-        Publisher(producer, backoff_s=0.0),  # type: ignore[arg-type]
-        metrics,
-        reply_topics=ReplyTopics.from_settings(settings, topics),
-    )
+    handler = _handler(producer, FailingPool(AssertionError()), reply_topics=_reply_topics())
     _, message = make_request(np.ones((2, 2)), deadline_ms=1, reply_topic="svd-results.web-1")
     await handler.handle(prepare(_record(message), DecodeLimits()), _begun())
     assert [topic for topic, _, _ in producer.sent] == ["svd-results.web-1", "svd-dlq"]
@@ -296,15 +298,8 @@ def test_float64_input_beyond_float32_is_refused_when_computed_in_float32(
 
 async def test_a_dead_letter_is_sized_to_its_topic_when_the_cluster_said_what_it_takes() -> None:
     producer = FlakyProducer()
-    settings = ConsumerSettings(retry_backoff_s=0.0, shm_cache_bytes=0)
-    metrics = Metrics()
-    handler = RequestHandler(
-        settings,
-        Computer(settings, FailingPool(AssertionError()), metrics),  # type: ignore[arg-type]
-        Publisher(producer, backoff_s=0.0),  # type: ignore[arg-type]
-        metrics,
-        topic_limits={"svd-dlq": 100_000, "svd-results": 64 << 20},
-    )
+    limits = {"svd-dlq": 100_000, "svd-results": 64 << 20}
+    handler = _handler(producer, FailingPool(AssertionError()), topic_limits=limits)
     value = b'{"request_id": "sized-1", "pad": "' + b"x" * 500_000 + b'"'
     record = _record(codec.EncodedMessage(key=b"sized-1", value=value, headers=[]))
     await handler.handle(prepare(record, DecodeLimits()), _begun())
@@ -316,19 +311,8 @@ async def test_a_dead_letter_is_sized_to_its_topic_when_the_cluster_said_what_it
 
 
 async def test_an_error_for_a_request_that_did_not_decode_goes_to_its_allowed_reply_topic() -> None:
-    async def topics() -> set[str]:
-        return {"svd-results", "svd-results.web-1"}
-
     producer = FlakyProducer()
-    settings = ConsumerSettings(retry_backoff_s=0.0, shm_cache_bytes=0)
-    metrics = Metrics()
-    handler = RequestHandler(
-        settings,
-        Computer(settings, FailingPool(AssertionError()), metrics),  # type: ignore[arg-type]
-        Publisher(producer, backoff_s=0.0),  # type: ignore[arg-type]
-        metrics,
-        reply_topics=ReplyTopics.from_settings(settings, topics),
-    )
+    handler = _handler(producer, FailingPool(AssertionError()), reply_topics=_reply_topics())
     for reply_topic, expected in (("svd-results.web-1", "svd-results.web-1"),
                                   ("svd-requests", "svd-results")):  # fmt: skip
         value = (
