@@ -281,12 +281,7 @@ class RequestHandler:
                 if answer.ok:
                     self._metrics.succeeded.inc()
             except PublishRejected as exc:
-                # Refused for good (a result too large, a topic we may not write): the requester
-                # has no answer yet, so the refusal becomes its one answer, on the results topic.
-                err = SvdServiceError(exc.code, f"the answer could not be published: {exc}")
-                answer = self._failure(
-                    prepared, err, attempts=1, reply_to=self._settings.results_topic
-                )
+                answer = self._refusal(prepared, exc.code, str(exc))
                 await self._publish_error_reply(prepared, answer)
         if answer.dead_letter is not None:
             await self._publish_dead_letter(prepared, answer.dead_letter)
@@ -324,6 +319,13 @@ class RequestHandler:
             "%s refused even a %d-byte dead letter; the offset moves on without one",
             topic, _SMALLEST_DEAD_LETTER_BYTES, extra=prepared.context,
         )  # fmt: skip
+
+    def _refusal(self, prepared: Prepared, code: ErrorCode, reason: str) -> Answer:
+        """The answer to write when the broker refused the request's answer for good (a result
+        too large, a topic the service may not write): the requester has none yet, so the
+        refusal becomes its one answer, on the results topic, with a dead letter."""
+        err = SvdServiceError(code, f"the answer could not be published: {reason}")
+        return self._failure(prepared, err, attempts=1, reply_to=self._settings.results_topic)
 
     def _limit(self, topic: str) -> int:
         """The largest record ``topic`` takes: its own max.message.bytes where it was read."""
@@ -363,11 +365,8 @@ class RequestHandler:
         tp = TopicPartition(record.topic, record.partition)
 
         def refused(code: ErrorCode, reason: str) -> list[tuple[str, codec.EncodedMessage]]:
-            # As at least once: the refusal becomes the one answer, on the results topic, and
-            # the dead letter is cut to what any topic takes.
-            err = SvdServiceError(code, f"the answer could not be published: {reason}")
-            results = self._settings.results_topic
-            fallback = self._failure(prepared, err, attempts=1, reply_to=results)
+            # Its dead letter cut to what any topic takes: the refused record may be that one.
+            fallback = self._refusal(prepared, code, reason)
             out = [fallback.reply] if fallback.reply is not None else []
             if fallback.dead_letter is not None:
                 dlq = fallback.dead_letter.encode(_SMALLEST_DEAD_LETTER_BYTES)

@@ -1,10 +1,11 @@
 """Records the service cannot read: found one offset at a time, each answered with a dead letter.
 
 A batch compressed with a codec this build cannot decode, one whose checksum does not match,
-or a record whose header name is not UTF-8 makes aiokafka's ``getmany`` raise, and raise again on every call after it: the fetch position
-never passes the batch, so without this one bad producer stops the whole service (it used to
-exit, and exit again on every restart). Worse, the failing call drops whatever it had already
-taken from other partitions, and moves their positions past it.
+or a record whose header name is not UTF-8 makes aiokafka's ``getmany`` raise, and raise again
+on every call after it: the fetch position never passes the batch, so without this one bad
+producer stops the whole service (it used to exit, and exit again on every restart). Worse,
+the failing call drops whatever it had already taken from other partitions, and moves their
+positions past it.
 
 So on such an error the service rewinds every partition to the offset after the last record it
 actually received, then reads each partition alone, one record per call: a call that fails

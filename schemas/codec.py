@@ -449,8 +449,7 @@ def recover_request_id(
     a valid request id (producers are asked to key requests by id). Never raises; None if no
     valid id is found anywhere.
     """
-    metas = [raw for name, raw in headers if isinstance(name, str) and name.lower() == SVD_META]
-    found = _id_in_json(metas[0] or b"") if metas else _id_in_json(value)
+    found = _member_in_json(_request_object(value, headers), "request_id")
     if found is None and key is not None:
         try:
             candidate = bytes(key).decode("ascii")
@@ -465,12 +464,15 @@ def recover_reply_topic(value: Buffer, headers: ReceivedHeaders) -> str | None:
     (``recover_request_id``), so an error reaches a requester that reads only its own topic.
     Never raises; None when there is none. The caller still checks it before writing there.
     """
-    metas = [raw for name, raw in headers if isinstance(name, str) and name.lower() == SVD_META]
-    return _member_in_json(metas[0] or b"" if metas else value, "reply_topic")
+    return _member_in_json(_request_object(value, headers), "reply_topic")
 
 
-def _id_in_json(data: Buffer) -> str | None:
-    return _member_in_json(data, "request_id")
+def _request_object(value: Buffer, headers: ReceivedHeaders) -> Buffer:
+    """Where a record's request object is: its first svd-meta header, else its value."""
+    for name, raw in headers:
+        if isinstance(name, str) and name.lower() == SVD_META:
+            return raw or b""
+    return value
 
 
 _MEMBER_RES = {
