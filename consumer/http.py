@@ -28,6 +28,8 @@ import orjson
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, choose_encoder, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
+from consumer.tasks import TaskSet
+
 log = logging.getLogger(__name__)
 
 _MAX_LINE_BYTES = 8192  # per request or header line; anything longer is not a scraper
@@ -46,7 +48,7 @@ class MetricsServer:
         self._host = host
         self._port = port
         self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task[None]] = set()
+        self._connections = TaskSet()
 
     async def start(self) -> tuple[str, int]:
         """Bind and serve; return the bound (host, port), which tells port 0 apart."""
@@ -62,16 +64,15 @@ class MetricsServer:
         self._server.close()
         # Python 3.11's wait_closed does not wait for open connections: end them ourselves so
         # no handler task outlives the loop.
-        for task in list(self._connections):
-            task.cancel()
-        await asyncio.gather(*self._connections, return_exceptions=True)
+        await self._connections.cancel_all()
         await self._server.wait_closed()
         self._server = None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._connections.add(task)
+        task.set_name("http connection")  # the server's own name for it says nothing in a log
+        self._connections.track(task)
         try:
             try:
                 status, headers, body, head_only = await self._respond(reader)
@@ -90,7 +91,6 @@ class MetricsServer:
         except (ConnectionError, TimeoutError):
             pass  # the client went away or stalled: nothing to answer
         finally:
-            self._connections.discard(task)
             writer.close()
             with contextlib.suppress(ConnectionError, asyncio.CancelledError):
                 await writer.wait_closed()

@@ -27,7 +27,7 @@ import logging
 import multiprocessing
 import signal
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Iterable
 from multiprocessing.connection import Connection
 from multiprocessing.context import ForkServerContext, SpawnContext
 from multiprocessing.process import BaseProcess
@@ -36,12 +36,13 @@ from typing import Any, Self
 
 from consumer import worker
 from consumer.worker import Job, JobFailure, JobOutcome, Ready
+from consumer.retry import Backoff
+from consumer.tasks import TaskSet
 
 log = logging.getLogger(__name__)
 
 START_TIMEOUT = 60.0  # seconds for a new worker to import numpy/scipy and say Ready
-RESTART_BACKOFF_MIN = 0.5  # first delay after a failed (re)start; doubles up to the max
-RESTART_BACKOFF_MAX = 30.0
+RESTART_BACKOFF = Backoff(first_s=0.5, max_s=30.0)  # between failed (re)starts of a worker slot
 EXIT_GRACE = 2.0  # after SIGTERM (or a seen EOF), how long to wait for the exit status
 REAP_TIMEOUT = 10.0  # after SIGKILL; only a process stuck in the kernel takes longer
 
@@ -179,8 +180,8 @@ class WorkerPool:
         self._workers: set[_Worker] = set()  # Ready and not retired: idle or busy
         self._idle: deque[_Worker] = deque()
         self._waiters: deque[asyncio.Future[None]] = deque()
-        self._replacements: set[asyncio.Task[None]] = set()
-        self._reapers: set[asyncio.Task[None]] = set()
+        self._replacements = TaskSet()
+        self._reapers = TaskSet()
         self._start_error: BaseException | None = None
         self._closing = False
         self._closed: asyncio.Future[None] | None = None
@@ -435,7 +436,7 @@ class WorkerPool:
         self._workers.discard(member)
         self._retire(member)
         if not self._closing:
-            self._spawn(self._replacements, self._replace())
+            self._replacements.spawn(self._replace(), name=f"replace worker {member.pid}")
 
     def _retire(self, member: _Worker) -> None:
         """Kill (unless it already ended) and reap, in the background. Idempotent."""
@@ -443,7 +444,7 @@ class WorkerPool:
             return
         if member.process.exitcode is None:
             member.process.kill()
-        member.reaper = self._spawn(self._reapers, self._reap(member))
+        member.reaper = self._reapers.spawn(self._reap(member), name=f"reap worker {member.pid}")
 
     async def _reap(self, member: _Worker) -> None:
         await asyncio.wait((member.exited,), timeout=REAP_TIMEOUT)
@@ -462,35 +463,25 @@ class WorkerPool:
 
     async def _replace(self) -> None:
         """Start one worker; on failure record why and retry with backoff, never hot."""
-        delay = RESTART_BACKOFF_MIN
+        delays = RESTART_BACKOFF.delays()
         while True:
             try:
                 await self._start_worker()
             except Exception as exc:
                 self._start_error = exc
+                delay = next(delays)
                 log.error("starting a replacement worker failed; retrying in %.1fs", delay)
                 self._wake_all()  # with no live worker, waiters now raise PoolUnavailable
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, RESTART_BACKOFF_MAX)
                 continue
             self._start_error = None
             return
-
-    def _spawn(
-        self, tasks: set[asyncio.Task[None]], coro: Coroutine[Any, Any, None]
-    ) -> asyncio.Task[None]:
-        task = self._running_loop().create_task(coro)
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-        return task
 
     # --- closing ---------------------------------------------------------------------------
 
     async def _shutdown(self, grace: float) -> None:
         self._wake_all()  # waiters raise PoolClosed
-        for task in list(self._replacements):
-            task.cancel()
-        await asyncio.gather(*self._replacements, return_exceptions=True)
+        await self._replacements.cancel_all()
         for member in list(self._idle):
             _request_exit(member)
         # Busy workers get their exit request when their task ends (see _release).
@@ -502,8 +493,7 @@ class WorkerPool:
         for member in members:
             self._workers.discard(member)
             self._retire(member)  # reaps; SIGKILL first for whatever ignored SIGTERM
-        while self._reapers:
-            await asyncio.gather(*self._reapers, return_exceptions=True)
+        await self._reapers.wait()
         self._idle.clear()
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError, TopicAuthorizationFailedError
 
+from consumer.retry import Backoff
 from schemas.codec import EncodedMessage
 from schemas.errors import ErrorCode
 
@@ -51,8 +52,7 @@ class Publisher:
     ) -> None:
         self._producer = producer
         self._on_retry = on_retry
-        self._backoff_s = backoff_s
-        self._max_backoff_s = max_backoff_s
+        self._backoff = Backoff(backoff_s, max_backoff_s)
 
     async def publish(
         self, topic: str, message: EncodedMessage, *, context: dict[str, object]
@@ -61,7 +61,7 @@ class Publisher:
 
         Only cancellation (a hard stop) ends the retries; the request is then redelivered.
         """
-        delay = self._backoff_s
+        delays = self._backoff.delays()
         while True:
             try:
                 ack = await self._producer.send(
@@ -76,9 +76,9 @@ class Publisher:
                         f"{topic} refused {len(message.value)} bytes: {exc!r}", code
                     ) from exc
                 self._on_retry()
+                delay = next(delays)
                 log.warning(
                     "publish to %s failed (%r); retrying in %.1fs",
                     topic, exc, delay, extra=context,
                 )  # fmt: skip
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, self._max_backoff_s)

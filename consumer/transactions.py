@@ -26,6 +26,7 @@ from aiokafka.errors import InvalidProducerEpoch, KafkaError, ProducerFenced
 
 from consumer.offsets import PartitionLedger
 from consumer.publisher import refusal_code
+from consumer.retry import Backoff
 from schemas.codec import EncodedMessage
 from schemas.errors import ErrorCode
 
@@ -90,8 +91,7 @@ class TransactionalOutbox:
         self._prefix = id_prefix
         self._factory = producer_factory
         self._on_fenced = on_fenced
-        self._backoff_s = backoff_s
-        self._max_backoff_s = max_backoff_s
+        self._backoff = Backoff(backoff_s, max_backoff_s)
         self._partitions: dict[TopicPartition, _PartitionOutbox] = {}
         self.transactions = 0
 
@@ -113,17 +113,17 @@ class TransactionalOutbox:
         log.info("transactional producers ready for %d partitions", len(tps))
 
     async def _start(self, outbox: _PartitionOutbox) -> None:
-        delay = self._backoff_s
+        delays = self._backoff.delays()
         while not outbox.closed:
             try:
                 await outbox.producer.start()
             except KafkaError as exc:
+                delay = next(delays)
                 log.warning(
                     "transactional producer for %s-%d did not start (%r); retrying in %.1fs",
                     outbox.tp.topic, outbox.tp.partition, exc, delay,
                 )  # fmt: skip
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, self._max_backoff_s)
                 continue
             outbox.ready.set()
             return
@@ -178,7 +178,9 @@ class TransactionalOutbox:
 
     async def _flush(self, outbox: _PartitionOutbox) -> None:
         async with outbox.lock:
-            delay = self._backoff_s
+            # One series for the whole flush, kept across the commits that pass: a broker that
+            # fails every other transaction is still retried less and less often.
+            delays = self._backoff.delays()
             while not outbox.closed and outbox.ledger is not None:
                 batch = outbox.ledger.ready_prefix(outbox.staged)
                 if not batch:
@@ -200,12 +202,12 @@ class TransactionalOutbox:
                     if code is not None:  # retrying the same records cannot help
                         self._replace_refused(outbox, batch, code, exc)
                         continue
+                    delay = next(delays)
                     log.warning(
                         "transaction on %s-%d failed (%r); retrying in %.1fs",
                         outbox.tp.topic, outbox.tp.partition, exc, delay,
                     )  # fmt: skip
                     await asyncio.sleep(delay)
-                    delay = min(delay * 2, self._max_backoff_s)
                     continue
                 outbox.one_at_a_time = False  # progress: the next refusal searches afresh
                 for offset in batch:
