@@ -113,6 +113,7 @@ def svd(
     k: int | None = None,
     algorithm: str | None = None,
     seed: int = 0,
+    check_finite: bool = True,
 ) -> SvdFactors:
     """Singular value decomposition of a real 2-D float32 or float64 matrix.
 
@@ -122,12 +123,14 @@ def svd(
     ``a`` may also be a scipy.sparse matrix: then ``k`` is required, and it is never
     densified. Raises ``ValueError`` for an invalid request and ``ComputeError`` when the
     computation fails (both LAPACK drivers, or the named iterative algorithm, did not converge).
+    ``check_finite=False`` skips the scan for NaN and infinities, for a caller that made it
+    (the service's decoder does).
     """
     sparse = truncated.is_sparse(a)
     if sparse:
-        a = truncated.canonical(a)
+        a = truncated.canonical(a, check_finite=check_finite)
     else:
-        _validate(a)
+        _validate(a, check_finite=check_finite)
     m, n = a.shape
     output_shapes(m, n, full_matrices=full_matrices, compute_uv=compute_uv, k=k)
     truncated.check((m, n), k, sparse=sparse, algorithm=algorithm)
@@ -145,6 +148,25 @@ def svd(
         return factors
     with np.errstate(over="ignore"):
         return dataclasses.replace(factors, s=np.ldexp(factors.s, exponent))
+
+
+def svd_stack(
+    stack: npt.NDArray[Any], *, full_matrices: bool = False, compute_uv: bool = True
+) -> list[SvdFactors]:
+    """``svd`` of each matrix of a (B, m, n) stack in one call (numpy's batched gesdd), for
+    many small matrices: one LAPACK call each from C, not one Python call each.
+
+    For finite matrices whose scale is not extreme (``extreme_exponent`` 0), as ``svd`` takes
+    them. Raises ``LinAlgError`` when gesdd fails on any of them; ``svd`` then retries each
+    with its fallback driver.
+    """
+    if stack.ndim != 3 or stack.dtype not in SUPPORTED_DTYPES:
+        raise ValueError("expected a (B, m, n) float32 or float64 stack")
+    if not compute_uv:
+        values = np.linalg.svd(stack, compute_uv=False)
+        return [SvdFactors(None, s, None, DRIVER_GESDD, ALGORITHM_DENSE) for s in values]
+    u, s, vt = np.linalg.svd(stack, full_matrices=full_matrices)
+    return [SvdFactors(u[i], s[i], vt[i], DRIVER_GESDD, ALGORITHM_DENSE) for i in range(len(stack))]
 
 
 def extreme_exponent(a: Any) -> int:
@@ -206,13 +228,13 @@ def quality(
     return Quality(reconstruction, orthogonality)
 
 
-def _validate(a: npt.NDArray[Any]) -> None:
+def _validate(a: npt.NDArray[Any], *, check_finite: bool = True) -> None:
     if not isinstance(a, np.ndarray) or a.ndim != 2:
         raise ValueError("expected a 2-D numpy array")
     if a.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"unsupported dtype {a.dtype}; expected float32 or float64")
     # LAPACK given NaN or Inf returns garbage or fails to converge; say what is wrong instead.
-    if not np.isfinite(a).all():
+    if check_finite and not np.isfinite(a).all():
         raise ValueError("matrix contains NaN or infinite entries")
 
 

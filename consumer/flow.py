@@ -54,6 +54,13 @@ class InFlight:
         self.peak_requests = max(self.peak_requests, self.requests)
         self.peak_bytes = max(self.peak_bytes, self.bytes)
 
+    def resize(self, old: int, new: int) -> None:
+        """An admitted request now holds ``new`` bytes instead of ``old``."""
+        self.bytes += new - old
+        self.peak_bytes = max(self.peak_bytes, self.bytes)
+        if new < old:
+            self._changed.set()
+
     def release(self, nbytes: int) -> None:
         self.requests -= 1
         self.bytes -= nbytes

@@ -35,7 +35,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from consumer import worker
-from consumer.worker import Job, JobFailure, JobOutcome, Ready
+from consumer.jobs import Job, JobFailure, JobOutcome, Ready
 from consumer.retry import Backoff
 from consumer.tasks import TaskSet
 
@@ -106,7 +106,7 @@ class WorkerCrashed(TaskError):
 class TaskFailed(TaskError):
     """The compute raised in the worker; the worker is fine and keeps serving.
 
-    ``kind`` is one of ``consumer.worker.KIND_*``; ``error_type`` the exception's class name.
+    ``kind`` is one of ``consumer.jobs.KIND_*``; ``error_type`` the exception's class name.
     The worker's traceback is the ``__cause__`` (a ``RemoteTraceback``).
     """
 

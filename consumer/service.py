@@ -2,50 +2,48 @@
 
 The loop reads at a glance: poll, admit each record or hand it back, repeat. Per-request work
 lives in ``handler.py``, offsets in ``offsets.py``, the budget in ``flow.py``, the pool in
-``pool.py``. Shutdown is two-phase: stop taking work and drain up to a deadline, commit, then
-cancel what is left (it will be redelivered) and close.
+``pool.py``; the Kafka clients are built in ``kafka_clients.py``, rebalances handled in
+``rebalance.py``, offsets committed in ``commits.py``. Shutdown is two-phase: stop taking work
+and drain up to a deadline, commit, then cancel what is left (it will be redelivered) and close
+what ``_start`` opened, newest first.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
+from contextlib import AsyncExitStack, ExitStack
 from dataclasses import dataclass
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import IllegalStateError, KafkaError
 from aiokafka.structs import ConsumerRecord
 
-from consumer import allocator
+from consumer import admission, allocator
+from consumer.admission import Ticket
+from consumer.commits import Committer
 from consumer.cpu import available_cpus, blas_threads_per_worker
+from consumer.dispatch import Dispatcher, limits_from
 from consumer.flow import Budget, InFlight
-from consumer.handler import Prepared, RequestHandler, limits_from, prepare
+from consumer.handler import RequestHandler
 from consumer.http import MetricsServer
+from consumer.kafka_clients import KafkaClients
 from consumer.lag import BrokerContact, LagMonitor
 from consumer.metrics import Metrics
 from consumer.offsets import OffsetTracker, PartitionLedger
 from consumer.pool import WorkerPool
 from consumer.publisher import Publisher
+from consumer.rebalance import Rebalance
 from consumer.reply_topics import ReplyTopics
 from consumer.settings import ConsumerSettings
 from consumer.tasks import TaskSet
 from consumer.topic_limits import read_topic_limits
 from consumer.transactions import TransactionalOutbox
 from consumer.unreadable import UNREADABLE_ERRORS, UnreadableReader
-from consumer.work import Computer
 
 log = logging.getLogger(__name__)
-
-# JSON bodies above this size are decoded in a thread so the loop keeps heartbeating and fetching.
-_DECODE_IN_THREAD_BYTES = 1 << 20
-
-# The producer's own size check. Not SVD_MAX_MESSAGE_BYTES: a dead letter is a verbatim copy of a
-# record the broker accepted, which can be larger than that limit (it is then rejected as
-# MESSAGE_TOO_LARGE and must still be dead-lettered). Results are already bounded by the decode
-# limits, and the broker enforces each topic's max.message.bytes with a clean error; this only
-# stays under its default socket.request.max.bytes (100 MiB), above which it drops the connection.
-_PUBLISH_CEILING_BYTES = 100 << 20
 
 
 @dataclass(frozen=True)
@@ -55,17 +53,6 @@ class Summary:
     in_flight_at_stop: int
     cancelled: int
     seconds: float
-
-
-class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, service: SvdService) -> None:
-        self._service = service
-
-    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        await self._service.on_revoked(set(revoked))
-
-    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        await self._service.on_assigned(set(assigned))
 
 
 class SvdService:
@@ -94,24 +81,32 @@ class SvdService:
         self.paused = False
         self.ready = asyncio.Event()  # joined the group with the pool up
         self.broker = BrokerContact(settings.ready_broker_window_s)
-        self._joined = False  # holds an assignment (possibly empty) from the group
-        self._http: MetricsServer | None = None
         self._outbox: TransactionalOutbox | None = None
-        self._lag: LagMonitor | None = None
         self._limits = limits_from(settings)
         self._stopping = asyncio.Event()
         self._hard_stop = asyncio.Event()
-        self._closing = False
         self._requests = TaskSet(on_fatal=self._fatal)
         self._background = TaskSet(on_fatal=self._fatal)
         self._fatal_error: BaseException | None = None
         self._received = 0
         self._answered = 0
-        self.pool: WorkerPool
+        # What _start opened, each pushed before it starts; _shutdown closes them newest first.
+        self._exit = AsyncExitStack()
+        self._after_pool = ExitStack()  # closed right after the pool (see _start)
+        # Built here so readiness can ask it; its workers start in _start.
+        self.pool = WorkerPool(
+            self.pool_size,
+            self.blas_threads,
+            on_worker_started=lambda pid: self.metrics.workers_alive.inc(),
+            on_worker_exited=lambda pid, code: self.metrics.workers_alive.dec(),
+        )
+        self._rebalance: Rebalance | None = None  # once _start has a consumer
         self._consumer: AIOKafkaConsumer
         self._producer: AIOKafkaProducer
+        self._committer: Committer
+        self._lag: LagMonitor
         self._handler: RequestHandler
-        self._computer: Computer
+        self._dispatcher: Dispatcher
 
     # -- control -------------------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -148,18 +143,19 @@ class SvdService:
     async def _start(self) -> None:
         s = self.settings
         m = self.metrics
+        # Each close goes on the exit stack before its start, so a start that fails half way is
+        # closed too.
         if s.metrics_port != 0:  # first, so /healthz answers while the pool starts
-            self._http = MetricsServer(
+            http = MetricsServer(
                 m.registry, self.readiness, host=s.metrics_host, port=max(s.metrics_port, 0)
             )
-            host, port = await self._http.start()
+            self._exit.push_async_callback(http.close)  # last: scrapes see the drain to its end
+            host, port = await http.start()
             log.info("metrics on http://%s:%d (/metrics, /healthz, /readyz)", host, port)
-        self.pool = WorkerPool(
-            self.pool_size,
-            self.blas_threads,
-            on_worker_started=lambda pid: m.workers_alive.inc(),
-            on_worker_exited=lambda pid, code: m.workers_alive.dec(),
-        )
+        # What the pool's jobs use (the dispatcher's shared-memory segments) closes after the
+        # workers are gone.
+        self._exit.callback(self._after_pool.close)
+        self._exit.push_async_callback(self.pool.close, timeout=5.0)
         await self.pool.start()
         m.pool_size.set(self.pool_size)
         # Read at scrape time, in this process: no hook needed on every dispatch.
@@ -167,58 +163,24 @@ class SvdService:
         m.ready.set_function(lambda: float(all(self.readiness().values())))
         m.inflight_requests_limit.set(self.inflight.budget.max_requests)
         m.inflight_bytes_limit.set(self.inflight.budget.max_bytes)
-        security = s.kafka_security()
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=s.bootstrap_servers,
-            client_id=f"{s.instance_id}-producer",
-            acks="all",
-            # Not idempotent: after a broker restart aiokafka's idempotent producer can fail every
-            # send with OutOfOrderSequenceNumber for good (a batch given up on left a gap in its
-            # sequence; aiokafka #1017), and the answers stuck in the Publisher's retries then
-            # hold their partitions' commits forever (tests/faults/test_broker_restart.py).
-            # Idempotence only saved duplicates of a batch aiokafka resends itself; answers are
-            # at-least-once anyway (the Publisher resends too), and readers match on request_id.
-            enable_idempotence=False,
-            max_request_size=max(s.max_message_bytes, _PUBLISH_CEILING_BYTES),
-            linger_ms=int(s.producer_linger_s * 1000),
-            max_batch_size=s.producer_batch_bytes,
-            **security,
-        )
+        clients = KafkaClients(s)
+        self._producer = clients.answers_producer()
+        self._exit.push_async_callback(self._producer.stop)
         await self._producer.start()
+        consumer = clients.requests_consumer()
+        self._exit.push_async_callback(consumer.stop)
         if s.processing_guarantee == "exactly_once":
             self._outbox = TransactionalOutbox(
                 s.group_id,
                 s.transactional_id_prefix or s.group_id,
-                lambda txn_id: AIOKafkaProducer(
-                    bootstrap_servers=s.bootstrap_servers,
-                    client_id=f"{s.instance_id}-{txn_id}",
-                    transactional_id=txn_id,
-                    enable_idempotence=True,
-                    acks="all",
-                    max_request_size=max(s.max_message_bytes, _PUBLISH_CEILING_BYTES),
-                    linger_ms=int(s.producer_linger_s * 1000),
-                    max_batch_size=s.producer_batch_bytes,
-                    **security,
-                ),
+                clients.transactional_producer,
                 on_fenced=self._fenced,
             )
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=s.bootstrap_servers,
-            client_id=s.instance_id,
-            group_id=s.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_poll_interval_ms=int(s.max_poll_interval_s * 1000),
-            session_timeout_ms=int(s.session_timeout_s * 1000),
-            heartbeat_interval_ms=int(s.heartbeat_interval_s * 1000),
-            fetch_max_bytes=s.fetch_max_bytes,
-            max_partition_fetch_bytes=s.max_message_bytes,
-            # exactly_once: never read a request from an aborted transaction either.
-            isolation_level="read_committed" if self._outbox else "read_uncommitted",
-            **security,
-        )
-        self._consumer.subscribe([s.requests_topic], listener=_Rebalance(self))
-        await self._consumer.start()
+            # Pushed after the consumer's stop so it closes first; it only has to exist before
+            # the consumer starts (its producers start with the first assignment).
+            self._exit.push_async_callback(self._outbox.close_all)
+        consumer.subscribe([s.requests_topic], listener=self._attach(consumer))
+        await consumer.start()
         self._unreadable = UnreadableReader(
             self._consumer,
             poll_timeout_ms=int(s.poll_timeout_s * 1000),
@@ -227,26 +189,17 @@ class SvdService:
         )
         self.broker.ok()
         publisher = Publisher(self._producer, on_retry=m.publish_retries.inc)
-        self._computer = Computer(s, self.pool, m)
+        self._dispatcher = Dispatcher(s, self.pool, m, self.inflight)
+        self._after_pool.callback(self._dispatcher.close)
         reply_topics = ReplyTopics.from_settings(s, self._list_topics)
-        topic_limits = await read_topic_limits(
-            s.bootstrap_servers,
-            [s.results_topic, s.dlq_topic],
-            client_id=f"{s.instance_id}-admin",
-            security=security,
-            timeout_s=s.session_timeout_s,
-        )
+        topic_limits = await read_topic_limits(clients.admin(), [s.results_topic, s.dlq_topic])
         log.info("output topics take records up to %s bytes", topic_limits or "unknown")
         self._handler = RequestHandler(
-            s, self._computer, publisher, m, self._outbox, reply_topics, topic_limits
+            s, self._dispatcher, publisher, m, self._outbox, reply_topics, topic_limits
         )
         self._background.spawn(
-            self._commit_every(s.commit_interval_s), name="committer", critical=True
+            self._committer.every(s.commit_interval_s), name="committer", critical=True
         )
-        self._lag = LagMonitor(
-            self._consumer, self.offsets, m, self.broker,
-            pool_size=self.pool_size, timeout_s=s.ready_broker_window_s / 2,
-        )  # fmt: skip
         self._background.spawn(self._lag.run(s.lag_interval_s), name="lag", critical=True)
         if s.allocator_trim_interval_s > 0:
             self._background.spawn(
@@ -257,6 +210,11 @@ class SvdService:
             s.requests_topic, s.instance_id, s.group_id, self.pool_size, self.blas_threads,
             self.inflight.budget.max_requests, self.inflight.budget.max_bytes >> 20,
         )  # fmt: skip
+        # Everything allocated so far lives as long as the service: the collector need not
+        # walk it again each time the request path's short-lived objects trigger a full
+        # collection, which cost the loop a large share of its CPU at small sizes
+        # (`make profile`).
+        gc.freeze()
 
     async def _consume(self) -> None:
         poll_ms = int(self.settings.poll_timeout_s * 1000)
@@ -360,43 +318,39 @@ class SvdService:
     ) -> bool:
         """Start work on ``record`` if the budget has room; False hands it back.
 
-        ``generation`` is the one its batch was fetched in. A revocation since (during a decode
-        in a thread) makes the record stale, even if the partition came straight back: the new
-        assignment fetches it again from the last commit, and beginning both copies would
-        begin an offset twice (tests/faults/test_rebalance_race.py). So it is dropped.
+        O(1) in the record's matrix: it is priced from its size and headers, and decoded by a
+        worker (consumer/admission.py). ``generation`` is the one its batch was fetched in. A
+        revocation since (while reading past an unreadable record) makes the record stale,
+        even if the partition came straight back: the new assignment fetches it again from the
+        last commit, and beginning both copies would begin an offset twice
+        (tests/faults/test_rebalance_race.py). So it is dropped.
         """
-        if generation != self._generation:
+        if generation != self._generation or tp not in self._consumer.assignment():
             return True
         if self.inflight.requests >= self.inflight.budget.max_requests:
             return False
-        value_size = len(record.value or b"")
-        if value_size > _DECODE_IN_THREAD_BYTES:
-            prepared = await asyncio.to_thread(prepare, record, self._limits)
-        else:
-            prepared = prepare(record, self._limits)
-        if generation != self._generation or tp not in self._consumer.assignment():
-            return True  # revoked while decoding: the new owner reads it from the last commit
-        if not self.inflight.fits(prepared.cost):
+        ticket = admission.price(record, self._limits, test_faults=self.settings.enable_test_faults)
+        if not self.inflight.fits(ticket.cost):
             return False
         ledger = self.offsets.ledger(tp)
         ledger.begin(record.offset)
-        self.inflight.admit(prepared.cost)
+        self.inflight.admit(ticket.cost)
         self._received += 1
         self.metrics.received.inc()
-        self.metrics.payload.observe(value_size)
+        self.metrics.payload.observe(ticket.value_bytes)
         self._gauge_inflight()
         self._requests.spawn(
-            self._handle(prepared, ledger),
+            self._handle(ticket, ledger),
             name=f"request {tp.topic}-{tp.partition}@{record.offset}",
         )
         return True
 
-    async def _handle(self, prepared: Prepared, ledger: PartitionLedger) -> None:
+    async def _handle(self, ticket: Ticket, ledger: PartitionLedger) -> None:
         try:
-            await self._handler.handle(prepared, ledger)  # answers even its own failures
+            await self._handler.handle(ticket, ledger)  # answers even its own failures
             self._answered += 1
         finally:
-            self.inflight.release(prepared.cost)
+            self.inflight.release(ticket.cost)  # repriced, maybe, by the dispatcher
             self._gauge_inflight()
 
     async def _list_topics(self) -> set[str]:
@@ -425,71 +379,42 @@ class SvdService:
         self.metrics.inflight_requests.set(self.inflight.requests)
         self.metrics.inflight_bytes.set(self.inflight.bytes)
 
-    # -- rebalances ----------------------------------------------------------------------------
-    async def on_assigned(self, assigned: set[TopicPartition]) -> None:
-        if self._outbox is not None:
-            await self._outbox.open(assigned)  # fences the previous owner of each partition
-        self._joined = True
-        # Pause flags do not survive a rebalance: re-apply ours to what we were given.
-        if self.paused or self._stopping.is_set():
-            self._consumer.pause(*assigned)
-        self.metrics.assigned_partitions.set(len(self._consumer.assignment()))
-        self.metrics.paused_partitions.set(len(self._consumer.paused()))
-        # The pause state as aiokafka holds it, for operators and tests/faults/test_rebalance.py.
-        why = "budget full" if self.paused else "budget open"
-        log.info(
-            "assigned %s; %d of them paused (%s)",
-            sorted(f"{tp.topic}-{tp.partition}" for tp in assigned),
-            len(self._consumer.paused() & assigned),
-            "stopping" if self._stopping.is_set() else why,
+    # -- the group (consumer/rebalance.py, consumer/commits.py) ---------------------------------
+    def _attach(self, consumer: AIOKafkaConsumer) -> Rebalance:
+        """Read with ``consumer``; commits, lag and the rebalance listener act through it."""
+        self._consumer = consumer
+        self._committer = Committer(
+            consumer, self.offsets, self.broker, transactional=self._outbox is not None
         )
+        self._lag = LagMonitor(
+            consumer, self.offsets, self.metrics, self.broker,
+            pool_size=self.pool_size, timeout_s=self.settings.ready_broker_window_s / 2,
+        )  # fmt: skip
+        self._rebalance = Rebalance(
+            consumer,
+            self,
+            offsets=self.offsets,
+            inflight=self.inflight,
+            committer=self._committer,
+            outbox=self._outbox,
+            lag=self._lag,
+            metrics=self.metrics,
+            wait_s=min(self.settings.drain_timeout_s, self.settings.session_timeout_s),
+        )
+        return self._rebalance
 
-    async def on_revoked(self, revoked: set[TopicPartition]) -> None:
-        """Start nothing new for ``revoked``; wait (bounded) for its answers, commit, let go."""
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def forget_fetched(self, revoked: set[TopicPartition]) -> None:
+        """On revocation: see consumer/rebalance.py's ``Intake``."""
         if revoked:  # eager rebalancing: every position restarts from the last commit
             self._generation += 1  # so what was fetched before is stale from here on
-        self._joined = False  # until the rebalance assigns again
         for tp in revoked:
             # Never begun, so never committed past: the next owner reads them again.
             self._held.pop(tp, None)
             self._received_up_to.pop(tp, None)
-        if not self._closing:
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + min(
-                self.settings.drain_timeout_s, self.settings.session_timeout_s
-            )
-            while loop.time() < deadline and any(
-                self.offsets.ledger(tp).in_flight for tp in revoked if tp in self.offsets.owned()
-            ):
-                await self.inflight.wait_for_release(max(0.0, deadline - loop.time()))
-        if self._outbox is not None:
-            await self._outbox.close(revoked)
-        else:
-            await self._commit(revoked)
-        self.offsets.revoke(revoked)
-        if self._lag is not None:
-            self._lag.forget(revoked)
-        log.info("revoked %s", sorted(f"{tp.topic}-{tp.partition}" for tp in revoked))
-
-    # -- commits -------------------------------------------------------------------------------
-    async def _commit(self, tps: set[TopicPartition] | None = None) -> None:
-        if self._outbox is not None:
-            return  # exactly_once: offsets are committed inside each answer's transaction
-        offsets = self.offsets.to_commit(tps)
-        if not offsets:
-            return
-        try:
-            await self._consumer.commit(offsets)
-        except KafkaError as exc:
-            log.warning("commit of %s failed (%r); the next commit retries", offsets, exc)
-            return
-        self.broker.ok()
-        self.offsets.committed(offsets)
-
-    async def _commit_every(self, interval_s: float) -> None:
-        while True:
-            await asyncio.sleep(interval_s)
-            await self._commit()
 
     async def _trim_every(self, interval_s: float) -> None:
         # Large buffers come from the heap (consumer/allocator.py); this gives freed ones back.
@@ -501,32 +426,13 @@ class SvdService:
     # -- shutdown ------------------------------------------------------------------------------
     async def _shutdown(self, started: float) -> Summary:
         in_flight = len(self._requests)
-        keepalive = None
-        if hasattr(self, "_consumer"):
-            self._consumer.pause(*self._consumer.assignment())
-            keepalive = asyncio.create_task(self._poll_while_draining())
+        remaining = cancelled = 0
         try:
-            remaining = await self._requests.wait(
-                self.settings.drain_timeout_s, stop_early=self._hard_stop
-            )
+            if self._rebalance is not None:  # a consumer was made: there may be work to drain
+                remaining, cancelled = await self._drain(self._rebalance)
         finally:
-            if keepalive is not None:
-                keepalive.cancel()
-                await asyncio.gather(keepalive, return_exceptions=True)
-        self._closing = True
-        await self._background.cancel_all()
-        if hasattr(self, "_consumer"):
-            await self._commit()
-        cancelled = await self._requests.cancel_all()
-        for closer in (
-            self._close_outbox,
-            self._close_consumer,
-            self._close_producer,
-            self._close_pool,
-            self._close_http,
-        ):
             try:
-                await closer()
+                await self._exit.aclose()  # every close runs, even after one fails
             except Exception:
                 log.exception("error while closing; carrying on with shutdown")
         summary = Summary(
@@ -541,6 +447,23 @@ class SvdService:
             budget.max_bytes,
         )  # fmt: skip
         return summary
+
+    async def _drain(self, rebalance: Rebalance) -> tuple[int, int]:
+        """Stop fetching, wait for the requests (bounded), commit, cancel what is left (it is
+        redelivered). Returns how many were left after the wait and how many were cancelled."""
+        self._consumer.pause(*self._consumer.assignment())
+        keepalive = asyncio.create_task(self._poll_while_draining())
+        try:
+            remaining = await self._requests.wait(
+                self.settings.drain_timeout_s, stop_early=self._hard_stop
+            )
+        finally:
+            keepalive.cancel()
+            await asyncio.gather(keepalive, return_exceptions=True)
+        rebalance.closing = True
+        await self._background.cancel_all()
+        await self._committer.commit()
+        return remaining, await self._requests.cancel_all()
 
     async def _poll_while_draining(self) -> None:
         """Keep calling getmany, every partition paused, for as long as the drain lasts.
@@ -560,28 +483,6 @@ class SvdService:
                 log.debug("poll while draining failed: %r", exc)
                 await asyncio.sleep(self.settings.poll_timeout_s)
 
-    async def _close_outbox(self) -> None:
-        if self._outbox is not None:
-            await self._outbox.close_all()
-
-    async def _close_consumer(self) -> None:
-        if hasattr(self, "_consumer"):
-            await self._consumer.stop()
-
-    async def _close_producer(self) -> None:
-        if hasattr(self, "_producer"):
-            await self._producer.stop()
-
-    async def _close_pool(self) -> None:
-        if hasattr(self, "pool"):
-            await self.pool.close(timeout=5.0)
-        if hasattr(self, "_computer"):
-            self._computer.close()
-
-    async def _close_http(self) -> None:  # last: scrapes and probes see the drain to its end
-        if self._http is not None:
-            await self._http.close()
-
     # -- readiness -----------------------------------------------------------------------------
     def readiness(self) -> dict[str, bool]:
         """/readyz's checks by name; ready when all pass (docs/operations.md).
@@ -593,8 +494,8 @@ class SvdService:
         ``running``: not draining for a stop.
         """
         return {
-            "group": self._joined,
-            "pool": hasattr(self, "pool") and self.pool.workers_alive > 0,
+            "group": self._rebalance is not None and self._rebalance.joined,
+            "pool": self.pool.workers_alive > 0,
             "broker": self.broker.reachable(),
             "running": not self._stopping.is_set(),
         }

@@ -150,6 +150,28 @@ class _Mapped:
         flat = np.frombuffer(self._mmap, dtype=dtype, count=count, offset=layout.offset)
         return flat.reshape(shape)
 
+    def view(self, index: int, length: int | None = None) -> memoryview:
+        """The bytes of region ``index`` (its first ``length``). Release the view when done
+        (``memoryview.release``): a block whose mapping a view still uses is never reused."""
+        if self._mmap is None:
+            raise ValueError(f"shared-memory block {self._descriptor.name} is closed")
+        layout = self._descriptor.arrays[index]
+        length = layout.nbytes if length is None else length
+        if not 0 <= length <= layout.nbytes:
+            raise ValueError(f"{length} bytes do not fit region {index} ({layout.nbytes} bytes)")
+        with memoryview(self._mmap) as whole:
+            return whole[layout.offset : layout.offset + length]
+
+    def write(self, index: int, data: bytes | memoryview) -> None:
+        """Copy ``data`` to the start of region ``index`` (no view of the mapping is kept)."""
+        if self._mmap is None:
+            raise ValueError(f"shared-memory block {self._descriptor.name} is closed")
+        layout = self._descriptor.arrays[index]
+        size = memoryview(data).nbytes
+        if size > layout.nbytes:
+            raise ValueError(f"{size} bytes do not fit region {index} ({layout.nbytes} bytes)")
+        self._mmap[layout.offset : layout.offset + size] = data
+
     def _unmap(self) -> None:
         mapping, self._mmap = self._mmap, None
         if mapping is None:

@@ -14,8 +14,7 @@ describe topic configs (no DescribeConfigs ACL) leaves ``SVD_MAX_MESSAGE_BYTES``
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable
 
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
@@ -26,22 +25,12 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = "max.message.bytes"
 
 
-async def read_topic_limits(
-    bootstrap_servers: str,
-    topics: Iterable[str],
-    *,
-    client_id: str,
-    security: Mapping[str, Any],
-    timeout_s: float,
-) -> dict[str, int]:
-    """``{topic: max.message.bytes}`` for the topics the cluster would describe; {} when none."""
+async def read_topic_limits(admin: AIOKafkaAdminClient, topics: Iterable[str]) -> dict[str, int]:
+    """``{topic: max.message.bytes}`` for the topics the cluster would describe; {} when none.
+
+    ``admin`` comes unstarted (consumer/kafka_clients.py): it lives for this one read.
+    """
     names = sorted(set(topics))
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap_servers,
-        client_id=client_id,
-        request_timeout_ms=int(timeout_s * 1000),
-        **security,
-    )
     try:
         await admin.start()
         responses = await admin.describe_configs(

@@ -367,7 +367,7 @@ def _zero(m: int, n: int, k: int, dtype: np.dtype[Any]) -> Triplets:
 # ---------------------------------------------------------------------------- sparse input
 
 
-def canonical(a: Any) -> Any:
+def canonical(a: Any, *, check_finite: bool = True) -> Any:
     """A csr or csc matrix with sorted indices and no repeated entries (repeats summed); a
     copy only when ``a`` is not already so. Raises ValueError for what cannot be computed."""
     if not is_sparse(a) or len(a.shape) != 2:
@@ -379,7 +379,7 @@ def canonical(a: Any) -> Any:
     elif not a.has_canonical_format:
         a = a.copy()  # never sort or sum in place: the arrays may be the parent's input
         a.sum_duplicates()
-    if not np.isfinite(a.data).all():
+    if check_finite and not np.isfinite(a.data).all():
         raise ValueError("matrix contains NaN or infinite entries")
     return a
 

@@ -8,6 +8,7 @@ array data is either viewed in place (binary) or converted from a checked list o
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from math import prod
 from typing import Any
@@ -15,8 +16,16 @@ from typing import Any
 import numpy as np
 import orjson
 
-from schemas import sparse, topics
-from schemas._arrays import FloatArray, check_finite, from_buffer, from_json_numbers, to_wire
+from schemas import sparse
+from schemas._arrays import (
+    WIRE_DTYPES,
+    FloatArray,
+    check_finite,
+    dtype_name,
+    from_buffer,
+    from_json_numbers,
+    to_wire,
+)
 from schemas._validation import (
     check_schema_version,
     check_structure,
@@ -62,6 +71,7 @@ __all__ = [
     "DecodedResult",
     "EncodedMessage",
     "Encoding",
+    "check_answerable",
     "decode_reply",
     "decode_request",
     "encode_dead_letter",
@@ -71,9 +81,21 @@ __all__ = [
     "read_dead_letter",
     "recover_reply_topic",
     "recover_request_id",
+    "reply_encoding",
+    "result_bytes",
+    "result_room",
+    "write_result",
 ]
 
 _DEFAULT_LIMITS = DecodeLimits()
+# The most bytes one number takes in a JSON result (orjson's shortest round-trip form, sign and
+# exponent included, plus its comma; float32 prints up to 16 characters, e.g. -0.0000021079127),
+# and room for everything but the numbers.
+_JSON_BYTES_PER_NUMBER = {4: 17, 8: 25}
+_JSON_RESULT_OVERHEAD = 4096
+# The smallest float64 that rounds to infinity in float32: halfway between float32's largest
+# number, 2**128 - 2**104, and 2**128 (the tie rounds to even, 2**128, which is infinite).
+_FLOAT32_OVERFLOWS_AT = 2.0**128 - 2.0**103
 _VERSION_HEADER = (SVD_SCHEMA_VERSION, str(SCHEMA_VERSION).encode())
 _MISSING = object()
 
@@ -89,12 +111,7 @@ class DecodedRequest:
 
     @property
     def reply_encoding(self) -> Encoding:
-        chosen = self.meta.result_encoding
-        return self.encoding if chosen is None else Encoding(chosen)
-
-    @property
-    def reply_topic(self) -> str:
-        return self.meta.reply_topic or topics.RESULTS
+        return reply_encoding(self.meta, self.encoding)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +158,81 @@ def decode_request(
     else:
         meta, matrix = _decode_binary_request(view, headers, limits)
     return DecodedRequest(meta=meta, matrix=matrix, encoding=encoding, nbytes=view.nbytes)
+
+
+def reply_encoding(meta: SvdRequestMeta, request_encoding: Encoding) -> Encoding:
+    """The encoding of a request's answer: its result_encoding, else its own."""
+    chosen = meta.result_encoding
+    return request_encoding if chosen is None else Encoding(chosen)
+
+
+def result_room(meta: SvdRequestMeta, encoding: Encoding) -> int:
+    """The most bytes the value of this request's result can take in ``encoding``: exact for
+    binary, the worst case for JSON (whose size is only known once encoded)."""
+    return result_bytes(
+        meta.matrix.shape,
+        k=meta.options.k,
+        full_matrices=meta.options.full_matrices,
+        compute_uv=meta.options.compute_uv,
+        itemsize=ITEMSIZE[meta.compute_dtype],
+        encoding=encoding,
+    )
+
+
+def result_bytes(
+    shape: Sequence[int],
+    *,
+    k: int | None,
+    full_matrices: bool,
+    compute_uv: bool,
+    itemsize: int,
+    encoding: Encoding,
+) -> int:
+    """``result_room`` from the numbers alone (the service prices a request from its header)."""
+    m, n = shape
+    r = min(k or min(m, n), m, n)
+    if not compute_uv:
+        numbers = r
+    elif full_matrices:
+        numbers = m * m + r + n * n
+    else:
+        numbers = m * r + r + r * n
+    if encoding is Encoding.BINARY:
+        return numbers * itemsize
+    return _JSON_RESULT_OVERHEAD + numbers * _JSON_BYTES_PER_NUMBER[itemsize]
+
+
+def check_answerable(request: DecodedRequest, limits: DecodeLimits | None = None) -> None:
+    """Refuse before computing what a decoded request could not be answered with: a JSON result
+    over the limit (its worst case, as a binary one over the limit is refused by the size
+    checks), and a float64 matrix asked to be computed in float32 that holds a value beyond
+    float32's range (it would become infinite in the cast, and the input the caller sent is
+    finite). Raises ContractError."""
+    limits = limits or _DEFAULT_LIMITS
+    meta, matrix, encoding = request.meta, request.matrix, request.reply_encoding
+    if encoding is Encoding.JSON:
+        worst = result_room(meta, encoding)
+        if worst > limits.max_result_bytes:
+            numbers = (worst - _JSON_RESULT_OVERHEAD) // _JSON_BYTES_PER_NUMBER[
+                ITEMSIZE[meta.compute_dtype]
+            ]
+            raise ContractError(
+                ErrorCode.LIMIT_EXCEEDED,
+                f"a JSON result of {numbers} numbers may take {worst} bytes; the limit is "
+                f"{limits.max_result_bytes}: ask for result_encoding binary, k or compute_uv "
+                "false",
+                request_id=meta.request_id,
+            )
+    values = matrix if isinstance(matrix, np.ndarray) else matrix.data
+    if ITEMSIZE[meta.compute_dtype] < values.dtype.itemsize and values.size:
+        largest = max(float(values.max()), -float(values.min()))
+        if largest >= _FLOAT32_OVERFLOWS_AT:
+            raise ContractError(
+                ErrorCode.NON_FINITE,
+                f"the matrix holds {largest:.6g}, beyond float32's range: it would be infinite "
+                "in options.dtype float32; compute in float64 or scale the matrix down",
+                request_id=meta.request_id,
+            )
 
 
 def _decode_json_request(
@@ -264,40 +356,99 @@ def encode_result(
     vt: np.ndarray[Any, Any] | None,
     encoding: Encoding,
 ) -> EncodedMessage:
-    """Encode a successful result; the factors' shapes and dtype are taken from the arrays."""
-    if (u is None) != (vt is None):
-        raise ValueError("u and vt are given together or not at all")
-    arrays = {"u": u, "s": s, "vt": vt}
-    wire = {
-        name: to_wire(a, name, ndim=(1,) if name == "s" else (2,))
-        for name, a in arrays.items()
-        if a is not None
-    }
-    if len({a.dtype for a in wire.values()}) != 1:
-        raise ValueError("u, s and vt must share one dtype")
-    body = meta.model_dump(mode="json", exclude_none=True, include=set(SvdResultMeta.model_fields))
-    headers = _headers(encoding)
+    """Encode a successful result; the factors' shapes and dtype are taken from the arrays.
+    Raises ContractError NON_FINITE when a factor is not finite."""
+    factors = _factors(u, s, vt)
     if encoding is Encoding.JSON:
-        body["factors"] = {
-            name: {"shape": list(a.shape), "dtype": a.dtype.name, "data": _native(a).reshape(-1)}
-            for name, a in wire.items()
-        }
-        value = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+        value, headers = _json_result(meta, factors)
     else:
-        offset, specs = 0, {}
-        for name, a in wire.items():
-            specs[name] = {
-                "shape": list(a.shape),
-                "dtype": a.dtype.name,
-                "offset": offset,
-                "nbytes": a.nbytes,
-            }
-            offset += a.nbytes
-        body["factors"] = specs
-        headers.append((SVD_META, orjson.dumps(body)))
+        wire = {name: to_wire(a, name, ndim=(a.ndim,)) for name, a in factors.items()}
+        headers = _binary_result_headers(meta, wire)
         # One copy: join reads the arrays' buffers directly.
         value = b"".join(a.data.cast("B") for a in wire.values())
     return EncodedMessage(key=meta.request_id.encode(), value=value, headers=headers)
+
+
+def write_result(
+    meta: SvdResultMeta,
+    u: np.ndarray[Any, Any] | None,
+    s: np.ndarray[Any, Any],
+    vt: np.ndarray[Any, Any] | None,
+    encoding: Encoding,
+    out: memoryview,
+) -> tuple[int, list[tuple[str, bytes]]]:
+    """``encode_result`` written into ``out`` (``result_room`` bytes suffice): the value's size
+    and the headers. A binary result's factors are copied once, straight into ``out`` in wire
+    order, and checked there; ValueError when they do not fit, ContractError NON_FINITE when a
+    factor is not finite."""
+    factors = _factors(u, s, vt)
+    target = _view(out)
+    if encoding is Encoding.JSON:
+        value, headers = _json_result(meta, factors)
+        if len(value) > target.nbytes:
+            raise ValueError(f"the result takes {len(value)} bytes; {target.nbytes} were reserved")
+        target[: len(value)] = value
+        return len(value), headers
+    end = 0
+    placed: dict[str, np.ndarray[Any, Any]] = {}
+    for name, a in factors.items():
+        dtype = WIRE_DTYPES[dtype_name(a)]
+        if end + a.size * dtype.itemsize > target.nbytes:
+            raise ValueError(f"the factors do not fit the {target.nbytes} bytes reserved")
+        wire = np.frombuffer(target, dtype=dtype, count=a.size, offset=end).reshape(a.shape)
+        np.copyto(wire, a)
+        check_finite(wire, name)
+        placed[name] = wire
+        end += wire.nbytes
+    return end, _binary_result_headers(meta, placed)
+
+
+def _factors(
+    u: np.ndarray[Any, Any] | None, s: np.ndarray[Any, Any], vt: np.ndarray[Any, Any] | None
+) -> dict[str, np.ndarray[Any, Any]]:
+    if (u is None) != (vt is None):
+        raise ValueError("u and vt are given together or not at all")
+    factors = {name: a for name, a in (("u", u), ("s", s), ("vt", vt)) if a is not None}
+    for name, a in factors.items():
+        if a.ndim != (1 if name == "s" else 2) or a.size == 0:
+            raise ContractError(
+                ErrorCode.INVALID_SHAPE,
+                f"{name} must be non-empty with ndim {1 if name == 's' else 2}, got {a.shape}",
+            )
+    if len({dtype_name(a) for a in factors.values()}) != 1:
+        raise ValueError("u, s and vt must share one dtype")
+    return factors
+
+
+def _json_result(
+    meta: SvdResultMeta, factors: dict[str, np.ndarray[Any, Any]]
+) -> tuple[bytes, list[tuple[str, bytes]]]:
+    body = meta.model_dump(mode="json", exclude_none=True, include=set(SvdResultMeta.model_fields))
+    wire = {name: to_wire(a, name, ndim=(a.ndim,)) for name, a in factors.items()}
+    body["factors"] = {
+        name: {"shape": list(a.shape), "dtype": a.dtype.name, "data": _native(a).reshape(-1)}
+        for name, a in wire.items()
+    }
+    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), _headers(Encoding.JSON)
+
+
+def _binary_result_headers(
+    meta: SvdResultMeta, wire: dict[str, np.ndarray[Any, Any]]
+) -> list[tuple[str, bytes]]:
+    body = meta.model_dump(mode="json", exclude_none=True, include=set(SvdResultMeta.model_fields))
+    offset, specs = 0, {}
+    for name, a in wire.items():
+        specs[name] = {
+            "shape": list(a.shape),
+            "dtype": dtype_name(a),
+            "offset": offset,
+            "nbytes": a.nbytes,
+        }
+        offset += a.nbytes
+    body["factors"] = specs
+    headers = _headers(Encoding.BINARY)
+    headers.append((SVD_META, orjson.dumps(body)))
+    return headers
 
 
 def encode_error(

@@ -14,12 +14,12 @@ RECORD_OVERHEAD = 512
 HEADER_OVERHEAD = 16
 
 
-def record_size(key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> int:
+def record_size(key: bytes, value: Buffer, headers: list[tuple[str, bytes]]) -> int:
     """An upper bound of the bytes a record takes against a topic's max.message.bytes."""
     return (
         RECORD_OVERHEAD
         + len(key)
-        + len(value)
+        + memoryview(value).nbytes
         + sum(len(name.encode()) + len(v) + HEADER_OVERHEAD for name, v in headers)
     )
 
@@ -29,7 +29,8 @@ class EncodedMessage:
     """A Kafka record ready to send."""
 
     key: bytes
-    value: bytes
+    # The service publishes an answer straight from the shared memory its worker wrote it to.
+    value: bytes | memoryview
     headers: list[tuple[str, bytes]]
 
     @property

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from consumer.work import TEST_FAULT_HEADER
+from consumer.admission import TEST_FAULT_HEADER
 from localkafka import TopicSettings
 from schemas import codec
 from schemas.errors import ErrorCode

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from consumer.work import PARENT_FAULT, TEST_FAULT_HEADER
+from consumer.admission import PARENT_FAULT, TEST_FAULT_HEADER
 from localkafka import TopicSettings
 from schemas import codec
 from schemas.errors import ErrorCode

@@ -9,7 +9,7 @@ import numpy as np
 import orjson
 import pytest
 
-from consumer.work import TEST_FAULT_HEADER
+from consumer.admission import TEST_FAULT_HEADER
 from localkafka import TopicSettings
 from schemas import codec
 from schemas.errors import ErrorCode

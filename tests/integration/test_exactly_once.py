@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from consumer.work import TEST_FAULT_HEADER
+from consumer.admission import TEST_FAULT_HEADER
 from localkafka import TopicSettings
 from schemas import codec
 from tests.support.kafka_io import AnswerReader, Answers, make_request, produce

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from tests.support.procs import wait_for
 from tests.support.service import ServiceProcess
 
-# "assigned ['svd-requests-x-0', ...]" and "revoked [...]": consumer/service.py on_assigned/on_revoked.
+# "assigned ['svd-requests-x-0', ...]" and "revoked [...]": consumer/rebalance.py, on the service's logger.
 _REBALANCE = re.compile(r"consumer\.service: (assigned|revoked) \[([^\]]*)\]([^\n]*)")
 _PAUSE = re.compile(r"consumer\.service: (?:in-flight budget full .*: (pausing)|.*: (resuming))")
 

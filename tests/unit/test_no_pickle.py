@@ -31,8 +31,8 @@ from aiokafka.structs import ConsumerRecord
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from consumer import shm, worker
-from consumer.handler import prepare
+from consumer import jobs, processing, shm
+from consumer.admission import price
 from producer_sdk import _wire
 from schemas import codec
 from schemas.errors import ContractError, ErrorCode
@@ -110,9 +110,13 @@ def tripwire(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     assert not CANARY_RUNS, "a pickle was executed"
 
 
+LIMITS = DecodeLimits(max_rows=64, max_cols=64, max_elements=4096)
+CONTEXT = jobs.WorkerContext(LIMITS, instance_id="i", host="h")
+
+
 def decode_everywhere(value: bytes, headers: list[tuple[str, bytes]]) -> None:
     """Every decoder a received record meets. Each may refuse the input, only with ContractError."""
-    limits = DecodeLimits(max_rows=64, max_cols=64, max_elements=4096)
+    limits = LIMITS
     try:
         request = codec.decode_request(value, headers, limits)
     except ContractError:
@@ -132,13 +136,25 @@ def decode_everywhere(value: bytes, headers: list[tuple[str, bytes]]) -> None:
     _wire.decode_answer(value, headers, "req-1")
     with contextlib.suppress(ContractError):
         codec.read_dead_letter(value, headers)
+    # The service: priced on the event loop, then answered by a worker from the bytes the
+    # parent put in shared memory (the headers packed beside the value).
     record = ConsumerRecord(
         topic="svd-requests", partition=0, offset=0, timestamp=0, timestamp_type=0,
         key=b"req-1", value=value, checksum=None, serialized_key_size=5,
         serialized_value_size=len(value), headers=tuple(headers),
     )  # fmt: skip
-    prepared = prepare(record, limits)
-    assert prepared.request is not None or prepared.rejection is not None
+    ticket = price(record, limits, test_faults=True)
+    received = jobs.unpack_headers(memoryview(jobs.pack_headers(headers)))
+    room = ticket.answer_bytes
+    for _ in range(2):  # at most once more, with the room the worker asked for
+        outcome = processing.answer(
+            memoryview(value), received, memoryview(bytearray(room)),
+            timestamp_ms=None, context=CONTEXT, dispatched_at=0.0,
+        )  # fmt: skip
+        if not isinstance(outcome, jobs.NeedsRoom):
+            break
+        room = outcome.answer_bytes
+    assert isinstance(outcome, jobs.Answered | jobs.Refused)
 
 
 # --- inputs -------------------------------------------------------------------------------------
@@ -348,24 +364,39 @@ def test_only_the_pool_pickles_and_only_its_own_descriptors() -> None:
     users = {path: found for path in SCANNED if (found := multiprocessing_imports(path))}
     assert set(users) <= POOL_BOUNDARY | {REPO / "consumer" / "shm.py"}, users
     assert users.get(REPO / "consumer" / "shm.py", set()) <= {"multiprocessing.resource_tracker"}
-    # What crosses the pipe is the pool's own descriptors, built by the parent: shared-memory
-    # names, offsets, shapes and options; no received bytes and no arrays (matrices and factors
-    # travel through shared memory). Both ends are our processes, so nothing unpickled there
-    # was ever written by a producer.
-    allowed = {
-        int,
-        float,
-        bool,
-        str,
-        type(None),
-        worker.JobItem,
+    # What crosses the pipe to a worker is the pool's own descriptors, built by the parent:
+    # shared-memory names, region indexes, the contract's limits, names and numbers. No
+    # received byte and no array: the records and the answers travel through shared memory.
+    # Both ends are our processes, so nothing unpickled there was ever written by a producer.
+    plain = {int, float, bool, str, type(None)}
+    descriptors = {
+        jobs.Job,
+        jobs.JobItem,
+        jobs.WorkerContext,
+        DecodeLimits,
         shm.BlockDescriptor,
         shm.ArrayLayout,
     }
-    for cls in (worker.Job, worker.JobItem, shm.BlockDescriptor, shm.ArrayLayout):
+    for cls in descriptors:
         hints = typing.get_type_hints(cls)
         for field in dataclasses.fields(cls):
-            assert _leaf_types(hints[field.name]) <= allowed, f"{cls.__name__}.{field.name}"
+            leaves = _leaf_types(hints[field.name])
+            assert leaves <= plain | descriptors, f"{cls.__name__}.{field.name}: {leaves}"
+    # Back from the worker: outcomes of the same plain values, and the answer's headers the
+    # worker built (bytes it encoded, never bytes it received).
+    replies = {
+        jobs.JobOutcome,
+        jobs.JobFailure,
+        jobs.Ready,
+        jobs.Answered,
+        jobs.Refused,
+        jobs.NeedsRoom,
+    }
+    for cls in replies:
+        hints = typing.get_type_hints(cls, vars(jobs))
+        for field in dataclasses.fields(cls):
+            leaves = _leaf_types(hints[field.name])
+            assert leaves <= plain | {bytes} | replies, f"{cls.__name__}.{field.name}: {leaves}"
 
 
 def _leaf_types(hint: Any) -> set[Any]:

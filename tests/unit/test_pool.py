@@ -11,15 +11,25 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import pytest
+from aiokafka.structs import ConsumerRecord
 
-from consumer import worker
+from consumer import admission, worker
 from consumer.compute import quality, relative_tolerance
+from consumer.jobs import (
+    Answered,
+    JobOutcome,
+    PreparedJob,
+    Record,
+    Refused,
+    WorkerContext,
+    prepare_job,
+)
 from consumer.pool import (
     PoolClosed,
     PoolUnavailable,
@@ -31,7 +41,10 @@ from consumer.pool import (
     WorkerStartError,
 )
 from consumer.shm import SHM_DIR, segment_prefix
-from consumer.worker import JobOutcome, PreparedJob, SvdTask, prepare_job
+from schemas import codec
+from schemas.errors import ErrorCode
+from schemas.limits import DecodeLimits
+from tests.support.kafka_io import make_request
 
 DEADLINE = 60.0  # generous: the machine is small and shared
 
@@ -101,16 +114,58 @@ def _matrix(shape: tuple[int, int], dtype: npt.DTypeLike = np.float64, seed: int
     return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
 
 
-async def _solve(pool: WorkerPool, task: SvdTask) -> JobOutcome:
+CONTEXT = WorkerContext(DecodeLimits(), instance_id="test", host="here")
+
+
+@dataclass(frozen=True)
+class Task:
+    """One request, as a test writes it: a matrix and its options."""
+
+    matrix: Any
+    full_matrices: bool = False
+    compute_uv: bool = True
+    k: int | None = None
+    quality: bool = False
+    fault: str | None = None
+
+    def record(self) -> Record:
+        """The record the producer would send, with the room admission reserves for it."""
+        options = {"full_matrices": self.full_matrices, "compute_uv": self.compute_uv,
+                   "k": self.k, "quality": self.quality}  # fmt: skip
+        _, message = make_request(self.matrix, options=options)
+        record = ConsumerRecord(
+            topic="svd-requests", partition=0, offset=0, timestamp=0, timestamp_type=0,
+            key=message.key, value=message.value, checksum=None, serialized_key_size=0,
+            serialized_value_size=len(message.value), headers=tuple(message.headers),
+        )  # fmt: skip
+        ticket = admission.price(record, CONTEXT.limits)
+        return Record(message.value, message.headers, None, ticket.answer_bytes, self.fault)
+
+
+def _prepare(tasks: list[Task], *, attempt: int = 1) -> PreparedJob:
+    return prepare_job([t.record() for t in tasks], CONTEXT, attempt=attempt)
+
+
+def _reply(prepared: PreparedJob, outcome: JobOutcome, index: int = 0) -> codec.DecodedResult:
+    """Item ``index``'s answer, read from the block and decoded as the requester would."""
+    item = outcome.items[index]
+    assert isinstance(item, Answered), item
+    with prepared.answer(index, item) as value:
+        reply = codec.decode_reply(bytes(value), list(item.headers))
+    assert isinstance(reply, codec.DecodedResult)
+    return reply
+
+
+async def _solve(pool: WorkerPool, task: Task) -> JobOutcome:
     """Run one task and check its factors against the input."""
-    with prepare_job([task]) as prepared:
+    with _prepare([task]) as prepared:
         outcome = await pool.run(prepared.job, timeout=DEADLINE)
         _check(prepared, outcome, 0, task)
     return outcome
 
 
-def _check(prepared: PreparedJob, outcome: JobOutcome, index: int, task: SvdTask) -> None:
-    out = prepared.outputs(outcome, index)
+def _check(prepared: PreparedJob, outcome: JobOutcome, index: int, task: Task) -> None:
+    out = _reply(prepared, outcome, index)
     a = task.matrix
     assert out.s.dtype == a.dtype
     reference = np.linalg.svd(a.astype(np.float64), compute_uv=False)
@@ -132,28 +187,30 @@ async def test_jobs_run_on_all_workers_and_results_are_right(
     pool: WorkerPool, lifecycle: Lifecycle
 ) -> None:
     tasks = [
-        SvdTask(_matrix((60, 20), seed=1), quality=True),
-        SvdTask(_matrix((20, 60), np.float32, seed=2)),
-        SvdTask(_matrix((33, 33), seed=3), compute_uv=False),
-        SvdTask(_matrix((50, 40), np.float32, seed=4), k=7),
-        SvdTask(_matrix((30, 10), seed=5), full_matrices=True),
-        SvdTask(_matrix((45, 45), seed=6)),
+        Task(_matrix((60, 20), seed=1), quality=True),
+        Task(_matrix((20, 60), np.float32, seed=2)),
+        Task(_matrix((33, 33), seed=3), compute_uv=False),
+        Task(_matrix((50, 40), np.float32, seed=4), k=7),
+        Task(_matrix((30, 10), seed=5), full_matrices=True),
+        Task(_matrix((45, 45), seed=6)),
     ]
     # More callers than workers: the extra ones wait for an idle worker.
-    outcomes = await asyncio.gather(*(_full_check(pool, t) for t in tasks))
+    checked = await asyncio.gather(*(_full_check(pool, t) for t in tasks))
+    outcomes = [outcome for outcome, _ in checked]
     assert {o.pid for o in outcomes} == set(lifecycle.started)  # both workers served
-    first = outcomes[0].items[0]
+    first = checked[0][1].meta
     assert first.driver == "gesdd" and first.algorithm == "dense"
-    assert first.quality is not None and first.quality.reconstruction < 1e-12
-    assert outcomes[3].items[0].algorithm == "dense-topk"
+    assert first.quality is not None and first.quality.reconstruction_error < 1e-12
+    assert first.worker.pid == outcomes[0].pid  # the worker that answered says so
+    assert checked[3][1].meta.algorithm == "dense-topk"
     assert outcomes[0].blas_threads == 1
     assert pool.idle_workers == pool.workers_alive == 2
 
 
-async def _full_check(pool: WorkerPool, task: SvdTask) -> JobOutcome:
-    with prepare_job([task]) as prepared:
+async def _full_check(pool: WorkerPool, task: Task) -> tuple[JobOutcome, codec.DecodedResult]:
+    with _prepare([task]) as prepared:
         outcome = await pool.run(prepared.job, timeout=DEADLINE)
-        out = prepared.outputs(outcome)
+        out = _reply(prepared, outcome)
         if task.full_matrices:
             m, n = task.matrix.shape
             assert out.u is not None and out.vt is not None
@@ -162,16 +219,16 @@ async def _full_check(pool: WorkerPool, task: SvdTask) -> JobOutcome:
             assert recon < 1e-12
         else:
             _check(prepared, outcome, 0, task)
-    return outcome
+    return outcome, out
 
 
 async def test_multi_item_job(pool: WorkerPool) -> None:
     tasks = [
-        SvdTask(_matrix((8, 5), seed=7)),
-        SvdTask(_matrix((5, 9), np.float32, seed=8), k=2),
-        SvdTask(_matrix((6, 6), seed=9), compute_uv=False),
+        Task(_matrix((8, 5), seed=7)),
+        Task(_matrix((5, 9), np.float32, seed=8), k=2),
+        Task(_matrix((6, 6), seed=9), compute_uv=False),
     ]
-    with prepare_job(tasks) as prepared:
+    with _prepare(tasks) as prepared:
         outcome = await pool.run(prepared.job, timeout=DEADLINE)
         assert len(outcome.items) == 3
         for index, task in enumerate(tasks):
@@ -180,10 +237,10 @@ async def test_multi_item_job(pool: WorkerPool) -> None:
 
 async def test_a_hung_worker_does_not_hold_up_the_other(pool: WorkerPool) -> None:
     a = _matrix((10, 10))
-    with prepare_job([SvdTask(a, fault="hang")]) as hung:
+    with _prepare([Task(a, fault="hang")]) as hung:
         stuck = asyncio.ensure_future(pool.run(hung.job, timeout=None))
         await _until(lambda: pool.idle_workers == 1)
-        await _solve(pool, SvdTask(_matrix((40, 30))))  # served while the other one hangs
+        await _solve(pool, Task(_matrix((40, 30))))  # served while the other one hangs
         assert not stuck.done()
         stuck.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -198,7 +255,7 @@ async def test_crash_affects_only_its_task(
     pool: WorkerPool, lifecycle: Lifecycle, fault: str, signum: signal.Signals
 ) -> None:
     with (
-        prepare_job([SvdTask(_matrix((20, 20)), fault=fault)]) as prepared,
+        _prepare([Task(_matrix((20, 20)), fault=fault)]) as prepared,
         pytest.raises(WorkerCrashed) as caught,
     ):
         await pool.run(prepared.job, timeout=DEADLINE)
@@ -210,14 +267,14 @@ async def test_crash_affects_only_its_task(
     assert len(lifecycle.started) == 3
     await _until(lambda: crashed.pid in lifecycle.exited)
     assert lifecycle.exited[crashed.pid] == -signum
-    outcomes = await asyncio.gather(*(_solve(pool, SvdTask(_matrix((30, 20)))) for _ in range(4)))
+    outcomes = await asyncio.gather(*(_solve(pool, Task(_matrix((30, 20)))) for _ in range(4)))
     assert crashed.pid not in {o.pid for o in outcomes}
 
 
 async def test_timeout_kills_and_replaces_the_worker(
     pool: WorkerPool, lifecycle: Lifecycle
 ) -> None:
-    with prepare_job([SvdTask(_matrix((20, 20)), fault="hang")]) as prepared:
+    with _prepare([Task(_matrix((20, 20)), fault="hang")]) as prepared:
         started = time.monotonic()
         with pytest.raises(TaskTimeout) as caught:
             await pool.run(prepared.job, timeout=0.5)
@@ -225,61 +282,74 @@ async def test_timeout_kills_and_replaces_the_worker(
     assert caught.value.timeout == 0.5 and not caught.value.retryable
     await _until(lambda: lifecycle.exited.get(caught.value.pid) == -signal.SIGKILL)
     await _until(lambda: pool.workers_alive == 2 and pool.idle_workers == 2)
-    await _solve(pool, SvdTask(_matrix((25, 15))))
+    await _solve(pool, Task(_matrix((25, 15))))
 
 
-async def test_compute_error_keeps_the_worker(lifecycle: Lifecycle) -> None:
+async def test_failures_keep_the_worker(lifecycle: Lifecycle) -> None:
     async with WorkerPool(1, 1, on_worker_started=lifecycle.on_started) as pool:
-        with (
-            prepare_job([SvdTask(_matrix((6, 4)), fault="raise")]) as prepared,
-            pytest.raises(TaskFailed) as caught,
-        ):
-            await pool.run(prepared.job, timeout=DEADLINE)
+        # A job that fails as a whole (here its block is gone) is the worker's reply, with the
+        # worker's traceback; the worker carries on.
+        with _prepare([Task(_matrix((6, 4)))]) as prepared:
+            block = replace(prepared.job.block, name=f"{segment_prefix()}no-such-segment")
+            with pytest.raises(TaskFailed) as caught:
+                await pool.run(replace(prepared.job, block=block), timeout=DEADLINE)
         failed = caught.value
-        assert (failed.kind, failed.error_type) == ("internal", "InjectedFault")
+        assert (failed.kind, failed.error_type) == ("internal", "FileNotFoundError")
         assert not failed.retryable
         assert isinstance(failed.__cause__, RemoteTraceback)
-        assert "_inject" in str(failed.__cause__)
+        assert "AttachedBlock" in str(failed.__cause__)
 
-        # An invalid request that slipped past the parent's checks fails in compute.svd.
-        with prepare_job([SvdTask(_matrix((6, 4)), k=2)]) as prepared:
-            bad = replace(prepared.job, items=(replace(prepared.job.items[0], k=9),))
-            with pytest.raises(TaskFailed) as caught:
-                await pool.run(bad, timeout=DEADLINE)
-        assert (caught.value.kind, caught.value.error_type) == ("invalid", "ValueError")
+        # What fails for one request is that item's answer; its neighbours are answered.
+        tasks = [
+            Task(_matrix((6, 4)), fault="raise"),  # a bug in the worker
+            Task(_matrix((6, 4)), fault="explode"),  # no such fault
+            Task(_matrix((6, 4), seed=1)),
+        ]
+        records = [t.record() for t in tasks]
+        records.insert(2, Record(b"not a request", [], None, 4096))
+        with prepare_job(records, CONTEXT) as prepared:
+            outcome = await pool.run(prepared.job, timeout=DEADLINE)
+            raised, unknown, garbage, _ = outcome.items
+            assert isinstance(raised, Refused) and raised.code == ErrorCode.INTERNAL
+            assert "InjectedFault" in raised.message and raised.computed
+            assert isinstance(unknown, Refused) and unknown.code == ErrorCode.INVALID_SCHEMA
+            assert "unknown fault" in unknown.message
+            assert isinstance(garbage, Refused) and garbage.code == ErrorCode.INVALID_ENCODING
+            assert not garbage.computed and garbage.request_id is None
+            _check(prepared, outcome, 3, tasks[2])
 
-        outcome = await _solve(pool, SvdTask(_matrix((6, 4))))
-        assert outcome.pid == failed.pid == caught.value.pid  # the same worker, still serving
+        again = await _solve(pool, Task(_matrix((6, 4))))
+        assert again.pid == outcome.pid == failed.pid  # the same worker, still serving
         assert lifecycle.started == [failed.pid]
 
 
 def test_failure_kinds() -> None:
-    from consumer.compute import ComputeError
-
-    linalg = worker._failure(ComputeError("did not converge"))
-    assert (linalg.kind, linalg.retryable) == ("linalg", False)
-    assert worker._failure(np.linalg.LinAlgError("x")).kind == "linalg"
-    assert (worker._failure(MemoryError()).kind, worker._failure(MemoryError()).retryable) == (
-        "resources",
-        True,
-    )
+    memory = worker._failure(MemoryError("no room"))
+    assert (memory.kind, memory.retryable, memory.error_type) == ("resources", True, "MemoryError")
+    try:
+        raise RuntimeError("a bug")
+    except RuntimeError as exc:
+        bug = worker._failure(exc)
+    assert (bug.kind, bug.retryable, bug.message) == ("internal", False, "a bug")
+    assert "RuntimeError: a bug" in bug.traceback and "test_failure_kinds" in bug.traceback
 
 
 @pytest.mark.parametrize("fault", ["segfault_once", "kill_once"])
 async def test_once_faults_fire_on_the_first_attempt_only(pool: WorkerPool, fault: str) -> None:
     a = _matrix((12, 9))
-    with prepare_job([SvdTask(a, fault=fault)]) as prepared:
+    with _prepare([Task(a, fault=fault)]) as prepared:
         assert prepared.job.attempt == 1
         with pytest.raises(WorkerCrashed):
             await pool.run(prepared.job, timeout=DEADLINE)
-        outcome = await pool.run(prepared.with_attempt(2), timeout=DEADLINE)  # same block
-        _check(prepared, outcome, 0, SvdTask(a))
-    with prepare_job([SvdTask(a, fault=fault)], attempt=2) as prepared:
+        retry = replace(prepared.job, attempt=2)  # a retry in the same block
+        outcome = await pool.run(retry, timeout=DEADLINE)
+        _check(prepared, outcome, 0, Task(a))
+    with _prepare([Task(a, fault=fault)], attempt=2) as prepared:
         await pool.run(prepared.job, timeout=DEADLINE)
 
 
 async def test_cancelling_run_replaces_the_worker(pool: WorkerPool, lifecycle: Lifecycle) -> None:
-    with prepare_job([SvdTask(_matrix((10, 10)), fault="hang")]) as prepared:
+    with _prepare([Task(_matrix((10, 10)), fault="hang")]) as prepared:
         running = asyncio.ensure_future(pool.run(prepared.job, timeout=None))
         await _until(lambda: pool.idle_workers == 1)
         busy = set(lifecycle.started)
@@ -290,14 +360,14 @@ async def test_cancelling_run_replaces_the_worker(pool: WorkerPool, lifecycle: L
     (victim,) = lifecycle.exited
     assert victim in busy and lifecycle.exited[victim] == -signal.SIGKILL
     await _until(lambda: pool.workers_alive == 2 and pool.idle_workers == 2)
-    await _solve(pool, SvdTask(_matrix((16, 16))))
+    await _solve(pool, Task(_matrix((16, 16))))
 
 
 async def test_cancelling_a_waiting_caller_loses_no_worker(pool: WorkerPool) -> None:
-    with prepare_job([SvdTask(_matrix((10, 10)), fault="hang")]) as hung:
+    with _prepare([Task(_matrix((10, 10)), fault="hang")]) as hung:
         stuck = [asyncio.ensure_future(pool.run(hung.job)) for _ in range(2)]
         await _until(lambda: pool.idle_workers == 0)
-        waiting = asyncio.ensure_future(_solve(pool, SvdTask(_matrix((8, 8)))))
+        waiting = asyncio.ensure_future(_solve(pool, Task(_matrix((8, 8)))))
         await asyncio.sleep(0)  # let it start waiting
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -306,7 +376,7 @@ async def test_cancelling_a_waiting_caller_loses_no_worker(pool: WorkerPool) -> 
             task.cancel()
         await asyncio.gather(*stuck, return_exceptions=True)
     await _until(lambda: pool.workers_alive == 2 and pool.idle_workers == 2)
-    await asyncio.wait_for(_solve(pool, SvdTask(_matrix((8, 8)))), DEADLINE)
+    await asyncio.wait_for(_solve(pool, Task(_matrix((8, 8)))), DEADLINE)
 
 
 async def test_an_idle_worker_that_dies_is_replaced(pool: WorkerPool, lifecycle: Lifecycle) -> None:
@@ -314,7 +384,7 @@ async def test_an_idle_worker_that_dies_is_replaced(pool: WorkerPool, lifecycle:
     os.kill(victim, signal.SIGKILL)
     await _until(lambda: lifecycle.exited.get(victim) == -signal.SIGKILL)
     await _until(lambda: pool.workers_alive == 2 and len(lifecycle.started) == 3)
-    outcomes = await asyncio.gather(*(_solve(pool, SvdTask(_matrix((20, 20)))) for _ in range(2)))
+    outcomes = await asyncio.gather(*(_solve(pool, Task(_matrix((20, 20)))) for _ in range(2)))
     assert victim not in {o.pid for o in outcomes}
 
 
@@ -323,8 +393,8 @@ async def test_close_lets_running_tasks_finish(lifecycle: Lifecycle) -> None:
         1, 1, on_worker_started=lifecycle.on_started, on_worker_exited=lifecycle.on_exited
     )
     await pool.start()
-    task = SvdTask(_matrix((300, 300), seed=11))
-    with prepare_job([task]) as prepared:
+    task = Task(_matrix((300, 300), seed=11))
+    with _prepare([task]) as prepared:
         running = asyncio.ensure_future(pool.run(prepared.job, timeout=DEADLINE))
         await _until(lambda: pool.idle_workers == 0)
         await pool.close(timeout=DEADLINE)
@@ -342,11 +412,11 @@ async def test_close_kills_stragglers_and_leaves_no_process(lifecycle: Lifecycle
         2, 1, on_worker_started=lifecycle.on_started, on_worker_exited=lifecycle.on_exited
     )
     await pool.start()
-    with prepare_job([SvdTask(_matrix((10, 10)), fault="hang")]) as prepared:
+    with _prepare([Task(_matrix((10, 10)), fault="hang")]) as prepared:
         stuck = asyncio.ensure_future(pool.run(prepared.job, timeout=None))
         await _until(lambda: pool.idle_workers == 1)
         # One loop step dispatches it: acquiring an idle worker does not suspend.
-        quick = asyncio.ensure_future(_solve(pool, SvdTask(_matrix((5, 5)))))
+        quick = asyncio.ensure_future(_solve(pool, Task(_matrix((5, 5)))))
         await asyncio.sleep(0)
         assert pool.idle_workers == 0
         await pool.close(timeout=0.5)
@@ -362,7 +432,7 @@ async def test_close_kills_stragglers_and_leaves_no_process(lifecycle: Lifecycle
 
 
 async def test_waiters_are_released_by_close(pool: WorkerPool) -> None:
-    with prepare_job([SvdTask(_matrix((10, 10)), fault="hang")]) as hung:
+    with _prepare([Task(_matrix((10, 10)), fault="hang")]) as hung:
         stuck = [asyncio.ensure_future(pool.run(hung.job)) for _ in range(2)]
         await _until(lambda: pool.idle_workers == 0)
         waiting = asyncio.ensure_future(pool.run(hung.job))
@@ -396,7 +466,7 @@ async def test_failing_replacements_back_off_and_surface(
         os.kill(pid, signal.SIGKILL)
     await _until(lambda: pool.workers_alive == 0 and pool.last_start_error is not None)
     with (
-        prepare_job([SvdTask(_matrix((4, 4)))]) as prepared,
+        _prepare([Task(_matrix((4, 4)))]) as prepared,
         pytest.raises(PoolUnavailable) as caught,
     ):
         await pool.run(prepared.job)
@@ -408,7 +478,7 @@ async def test_failing_replacements_back_off_and_surface(
     assert time.monotonic() - since >= 1.0
     pool._start_timeout = 60.0  # starting works again: the backoff retries recover the pool
     await _until(lambda: pool.workers_alive == 2 and pool.last_start_error is None)
-    await _solve(pool, SvdTask(_matrix((9, 9))))
+    await _solve(pool, Task(_matrix((9, 9))))
 
 
 async def test_spawn_context(lifecycle: Lifecycle) -> None:
@@ -419,39 +489,17 @@ async def test_spawn_context(lifecycle: Lifecycle) -> None:
         on_worker_started=lifecycle.on_started,
         on_worker_exited=lifecycle.on_exited,
     ) as pool:
-        outcome = await _solve(pool, SvdTask(_matrix((20, 10))))
+        outcome = await _solve(pool, Task(_matrix((20, 10))))
         with (
-            prepare_job([SvdTask(_matrix((5, 5)), fault="kill")]) as prepared,
+            _prepare([Task(_matrix((5, 5)), fault="kill")]) as prepared,
             pytest.raises(WorkerCrashed),
         ):
             await pool.run(prepared.job)
         await _until(lambda: pool.workers_alive == 1)
-        assert (await _solve(pool, SvdTask(_matrix((20, 10))))).pid != outcome.pid
+        assert (await _solve(pool, Task(_matrix((20, 10))))).pid != outcome.pid
     assert sorted(lifecycle.exited) == sorted(lifecycle.started)
 
 
 def test_fork_is_refused() -> None:
     with pytest.raises(ValueError, match="fork"):
         WorkerPool(1, 1, mp_context="fork")
-
-
-def test_invalid_tasks_fail_before_allocating() -> None:
-    a = _matrix((4, 3))
-    for bad in (
-        SvdTask(a, k=4),
-        SvdTask(a, fault="explode"),
-        SvdTask(a.astype(np.int32)),
-        SvdTask(a[0]),
-    ):
-        with pytest.raises(ValueError):
-            prepare_job([bad])
-    with pytest.raises(ValueError):
-        prepare_job([])
-
-
-def test_big_endian_input_is_computed_natively() -> None:
-    a = _matrix((5, 4)).astype(">f8")
-    with prepare_job([SvdTask(a)]) as prepared:
-        region = prepared.block.array(prepared.job.items[0].a)
-        assert region.dtype == np.dtype("<f8")
-        np.testing.assert_array_equal(region, a)

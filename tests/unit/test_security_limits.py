@@ -9,6 +9,7 @@ numpy reports its buffers to tracemalloc, so an allocation of the declared size 
 
 from __future__ import annotations
 
+import time
 import tracemalloc
 from collections.abc import Callable
 from typing import Any
@@ -17,7 +18,10 @@ import orjson
 import pytest
 from aiokafka.structs import ConsumerRecord
 
-from consumer.handler import limits_from, prepare
+from consumer import processing
+from consumer.admission import price
+from consumer.dispatch import limits_from
+from consumer.jobs import Refused, WorkerContext
 from consumer.settings import ConsumerSettings
 from producer_sdk import _wire
 from producer_sdk.errors import SvdError
@@ -102,19 +106,44 @@ def test_an_oversized_value_is_refused_before_it_is_parsed() -> None:
     assert peak < PEAK_LIMIT, f"peak {peak} bytes"
 
 
-def test_the_consumer_prices_a_huge_declaration_without_allocating() -> None:
-    # The consumer's own entry point, with its default limits: a rejection costs the record only.
-    value, headers = binary_request(BILLION_SQUARE)
-    record = ConsumerRecord(
+def _consumer_record(
+    value: bytes, headers: list[tuple[str, bytes]]
+) -> ConsumerRecord[bytes, bytes]:
+    return ConsumerRecord(
         topic="svd-requests", partition=0, offset=0, timestamp=0, timestamp_type=0, key=None,
         value=value, checksum=None, serialized_key_size=0, serialized_value_size=len(value),
         headers=tuple(headers),
     )  # fmt: skip
+
+
+def test_the_consumer_prices_a_huge_declaration_without_allocating() -> None:
+    # The consumer's own entry point, with its default limits: pricing reads the declaration
+    # but allocates nothing for it.
+    value, headers = binary_request(BILLION_SQUARE)
     limits = limits_from(ConsumerSettings())
-    prepared, peak = peak_bytes(lambda: prepare(record, limits))
-    assert prepared.rejection is not None
-    assert prepared.rejection.code is ErrorCode.LIMIT_EXCEEDED
-    assert prepared.cost == len(value)  # the budget is charged the record, not the declaration
+    ticket, peak = peak_bytes(lambda: price(_consumer_record(value, headers), limits))
+    assert peak < PEAK_LIMIT, f"peak {peak} bytes"
+    # The worker will refuse it before computing (LIMIT_EXCEEDED): the budget and the shared
+    # memory it reserves are the record's and an error's, not the declaration's 16 GB of
+    # factors, nor the whole result limit.
+    assert ticket.cost <= 2 * len(value) + 2 * 4096, ticket.cost
+
+
+def test_the_worker_refuses_a_huge_declaration_without_allocating() -> None:
+    value, headers = binary_request(BILLION_SQUARE)
+    limits = limits_from(ConsumerSettings())
+    context = WorkerContext(limits, instance_id="i", host="h")
+    out = memoryview(bytearray(4096))
+
+    def worker_pass() -> object:
+        return processing.answer(
+            memoryview(value), list(headers), out,
+            timestamp_ms=None, context=context, dispatched_at=time.time(),
+        )  # fmt: skip
+
+    outcome, peak = peak_bytes(worker_pass)
+    assert isinstance(outcome, Refused) and outcome.code == ErrorCode.LIMIT_EXCEEDED
+    assert outcome.request_id == "req-1"
     assert peak < PEAK_LIMIT, f"peak {peak} bytes"
 
 

@@ -303,15 +303,18 @@ def test_tracker_unlinks_blocks_of_a_killed_parent(tmp_path: Path, state: str) -
 
 
 def test_a_failed_job_never_gives_its_segment_back() -> None:
-    from consumer.worker import SvdTask, prepare_job
+    from consumer.jobs import Record, WorkerContext, prepare_job
+    from schemas.limits import DecodeLimits
 
+    context = WorkerContext(DecodeLimits(), instance_id="test", host="here")
+    records = [Record(value=b"\0" * 128, headers=[], timestamp_ms=None, answer_bytes=4096)]
     cache = SegmentCache(max_bytes=1 << 20)
-    with pytest.raises(RuntimeError), prepare_job([SvdTask(np.ones((4, 4)))], cache=cache) as job:
+    with pytest.raises(RuntimeError), prepare_job(records, context, cache=cache) as job:
         failed = job.block.descriptor.name
         raise RuntimeError("the worker was killed")  # as pool.run raises on a crash or timeout
     assert cache.idle_names == []
     assert not (SHM_DIR / failed).exists()
-    with prepare_job([SvdTask(np.ones((4, 4)))], cache=cache) as job:
+    with prepare_job(records, context, cache=cache) as job:
         succeeded = job.block.descriptor.name
     assert cache.idle_names == [succeeded]
     cache.close()

@@ -1,28 +1,41 @@
 """Sparse matrices and the SVD options through the service's machinery, without a broker:
-shared memory (never densified, inputs never written), a real worker pool, the request's price,
-and the options reaching the worker."""
+shared memory (never densified, the record's bytes never written), a real worker pool, the
+request's price, and the options reaching the worker."""
 
 from __future__ import annotations
 
-import dataclasses
-import typing
+import socket
 from typing import Any
 
 import numpy as np
+import orjson
 import pytest
 from aiokafka.structs import ConsumerRecord
 
-from consumer import truncated
-from consumer.handler import prepare
+from consumer import admission, compute, worker
+from consumer.dispatch import Dispatcher
+from consumer.flow import Budget, InFlight
+from consumer.jobs import (
+    Answered,
+    JobOutcome,
+    PreparedJob,
+    Record,
+    Refused,
+    WorkerContext,
+    prepare_job,
+)
 from consumer.metrics import Metrics
 from consumer.pool import WorkerPool
 from consumer.settings import ConsumerSettings
-from consumer.work import Computer
-from consumer.worker import JobItem, SvdTask, prepare_job, run_job
+from consumer.truncated import seed_from
 from schemas import SvdRequestMeta, codec
+from schemas.errors import ErrorCode
 from schemas.limits import DecodeLimits
 from schemas.sparse import SparseMatrix
 from tests.support.sparse import random_sparse
+
+LIMITS = DecodeLimits()
+CONTEXT = WorkerContext(LIMITS, instance_id="test", host=socket.gethostname())
 
 
 def _reference(matrix: SparseMatrix | np.ndarray[Any, Any], k: int) -> np.ndarray[Any, Any]:
@@ -30,86 +43,19 @@ def _reference(matrix: SparseMatrix | np.ndarray[Any, Any], k: int) -> np.ndarra
     return np.linalg.svd(dense.astype(np.float64), compute_uv=False)[:k]
 
 
-def _tasks() -> list[SvdTask]:
-    rng = np.random.default_rng(0)
-    return [
-        SvdTask(random_sparse(rng, (40, 30), fmt="coo"), k=3, quality=True),
-        SvdTask(rng.standard_normal((20, 10)), k=2),  # dense, in the same block
-        SvdTask(random_sparse(rng, (25, 35), fmt="csc", dtype=np.float32), k=25, compute_uv=False),
-        SvdTask(random_sparse(rng, (30, 30), fmt="csr", index_dtype=np.int64), k=4, algorithm="lobpcg"),
-        SvdTask(random_sparse(rng, (12, 9), fmt="csr"), k=2, algorithm="randomized", seed=5),
-    ]  # fmt: skip
+def _request(
+    request_id: str, matrix: SparseMatrix | np.ndarray[Any, Any], **options: Any
+) -> codec.EncodedMessage:
+    spec = matrix.spec() if isinstance(matrix, SparseMatrix) else {
+        "shape": list(matrix.shape), "dtype": matrix.dtype.name,
+    }  # fmt: skip
+    meta = SvdRequestMeta.model_validate(
+        {"request_id": request_id, "matrix": spec, "options": options}
+    )
+    return codec.encode_request(meta, matrix, codec.Encoding.BINARY)
 
 
-def test_sparse_items_share_a_block_with_dense_ones_and_inputs_stay_intact() -> None:
-    tasks = _tasks()
-    with prepare_job(tasks) as job:
-        inputs = {
-            region: job.block.array(region).copy()
-            for item in job.job.items
-            for region in (item.a, *(item.sparse_index or ()))
-        }
-        outcome = run_job(job.job)  # the worker's code, in this process
-        for index, (task, item) in enumerate(zip(tasks, outcome.items, strict=True)):
-            out = job.outputs(outcome, index)
-            np.testing.assert_allclose(
-                out.s, _reference(task.matrix, task.k or 0), rtol=2e-4, atol=1e-5
-            )
-            assert (out.u is None) is (not task.compute_uv)
-            expected = task.algorithm or ("arpack" if index != 1 else "dense-topk")
-            assert item.algorithm == expected
-        assert outcome.items[0].quality is not None
-        assert outcome.items[0].quality.orthogonality < 1e-12
-        for region, before in inputs.items():  # sorting and summing happened on copies
-            np.testing.assert_array_equal(job.block.array(region), before)
-
-
-def test_a_sparse_item_holds_its_arrays_not_the_dense_matrix() -> None:
-    matrix = random_sparse(np.random.default_rng(1), (2000, 1500), density=0.001)
-    with prepare_job([SvdTask(matrix, k=2)]) as job:
-        (item,) = job.job.items
-        assert item.sparse_format == "csr" and item.sparse_shape == (2000, 1500)
-        layouts = job.job.block.arrays
-        assert layouts[item.a].shape == (matrix.nnz,)
-        assert job.job.block.size < 2000 * 1500  # far below the dense matrix's 24 MB
-
-
-def test_job_items_stay_plain_values() -> None:
-    # What crosses the worker's pipe (tests/unit/test_no_pickle.py): no new types.
-    hints = typing.get_type_hints(JobItem)
-    for field in dataclasses.fields(JobItem):
-        leaves = set(typing.get_args(hints[field.name])) or {hints[field.name]}
-        assert leaves <= {int, str, bool, type(None), tuple[int, int]}, field.name
-
-
-@pytest.mark.parametrize(
-    ("task", "match"),
-    [
-        (SvdTask(random_sparse(np.random.default_rng(2), (5, 4))), "needs k"),
-        (SvdTask(random_sparse(np.random.default_rng(2), (5, 4)), k=2, algorithm="dense"), "densify"),
-        (SvdTask(np.ones((5, 4)), algorithm="arpack"), "needs k"),
-        (SvdTask(np.ones((5, 4)), k=2, algorithm="jacobi"), "unknown algorithm"),
-    ],
-)  # fmt: skip
-def test_invalid_tasks_fail_before_any_shared_memory(task: SvdTask, match: str) -> None:
-    with pytest.raises(ValueError, match=match):
-        prepare_job([task])
-
-
-async def test_through_a_real_worker_pool() -> None:
-    tasks = _tasks()
-    async with WorkerPool(1, 1) as pool:
-        with prepare_job(tasks) as job:
-            outcome = await pool.run(job.job, timeout=60)
-            for index, task in enumerate(tasks):
-                s = job.outputs(outcome, index).s
-                np.testing.assert_allclose(s, _reference(task.matrix, task.k or 0), rtol=2e-4)
-
-
-# --- the request's price and its options on the way to the worker -------------------------------
-
-
-def _record(message: codec.EncodedMessage) -> ConsumerRecord[bytes, bytes]:
+def _consumer_record(message: codec.EncodedMessage) -> ConsumerRecord[bytes, bytes]:
     return ConsumerRecord(
         topic="svd-requests", partition=0, offset=0, timestamp=0, timestamp_type=0,
         key=message.key, value=message.value, checksum=None, serialized_key_size=0,
@@ -117,48 +63,174 @@ def _record(message: codec.EncodedMessage) -> ConsumerRecord[bytes, bytes]:
     )  # fmt: skip
 
 
-def _sparse_request(matrix: SparseMatrix, **options: Any) -> codec.EncodedMessage:
-    meta = SvdRequestMeta(request_id="price-1", options=options, matrix=matrix.spec())
-    return codec.encode_request(meta, matrix, codec.Encoding.BINARY)
+def _record(message: codec.EncodedMessage) -> Record:
+    """A job's record, with the room its admission reserved for the answer."""
+    ticket = admission.price(_consumer_record(message), LIMITS)
+    return Record(message.value, message.headers, None, ticket.answer_bytes)
 
 
-def test_a_sparse_request_is_priced_by_its_arrays() -> None:
+def _cases() -> list[tuple[SparseMatrix | np.ndarray[Any, Any], dict[str, Any], str]]:
+    """(matrix, options, the algorithm the result must name)."""
+    rng = np.random.default_rng(0)
+    return [
+        (random_sparse(rng, (40, 30), fmt="coo"), {"k": 3, "quality": True}, "arpack"),
+        (rng.standard_normal((20, 10)), {"k": 2}, "dense-topk"),  # dense, in the same block
+        (random_sparse(rng, (25, 35), fmt="csc", dtype=np.float32), {"k": 25, "compute_uv": False}, "arpack"),
+        (random_sparse(rng, (30, 30), fmt="csr", index_dtype=np.int64), {"k": 4, "algorithm": "lobpcg"}, "lobpcg"),
+        (random_sparse(rng, (12, 9), fmt="csr"), {"k": 2, "algorithm": "randomized"}, "randomized"),
+    ]  # fmt: skip
+
+
+def _replies(prepared: PreparedJob, outcome: JobOutcome) -> list[codec.DecodedResult]:
+    replies = []
+    for index, item in enumerate(outcome.items):
+        assert isinstance(item, Answered), item
+        with prepared.answer(index, item) as value:
+            reply = codec.decode_reply(bytes(value), list(item.headers))
+        assert isinstance(reply, codec.DecodedResult)
+        replies.append(reply)
+    return replies
+
+
+def test_sparse_items_share_a_block_with_dense_ones_and_the_records_stay_intact() -> None:
+    cases = _cases()
+    records = [_record(_request(f"r-{i}", m, **o)) for i, (m, o, _) in enumerate(cases)]
+    with prepare_job(records, CONTEXT) as prepared:
+        block = prepared.block
+        before = [bytes(block.view(item.value)) for item in prepared.job.items]
+        outcome = worker.run_job(prepared.job)  # the worker's code, in this process
+        replies = _replies(prepared, outcome)
+        for (matrix, options, algorithm), reply in zip(cases, replies, strict=True):
+            np.testing.assert_allclose(
+                reply.s, _reference(matrix, options["k"]), rtol=2e-4, atol=1e-5
+            )
+            assert (reply.u is None) is (options.get("compute_uv") is False)
+            assert reply.meta.algorithm == algorithm
+        assert replies[0].meta.quality is not None
+        assert replies[0].meta.quality.orthogonality_error < 1e-12
+        # Sorting and summing the entries happened on copies: the records are as received.
+        after = [bytes(block.view(item.value)) for item in prepared.job.items]
+        assert after == before == [r.value for r in records]
+
+
+def test_a_sparse_item_holds_its_arrays_not_the_dense_matrix() -> None:
+    matrix = random_sparse(np.random.default_rng(1), (2000, 1500), density=0.001)
+    message = _request("thin-1", matrix, k=2)
+    with prepare_job([_record(message)], CONTEXT) as prepared:
+        (item,) = prepared.job.items
+        layouts = prepared.job.block.arrays
+        assert layouts[item.value].nbytes == len(message.value)  # the record as it came
+        assert layouts[item.answer].nbytes == (2000 * 2 + 2 + 2 * 1500) * 8  # its factors
+        assert prepared.job.block.size < 2000 * 1500  # far below the dense matrix's 24 MB
+        (outcome,) = worker.run_job(prepared.job).items
+        assert isinstance(outcome, Answered)
+
+
+def _with_options(message: codec.EncodedMessage, options: dict[str, Any]) -> codec.EncodedMessage:
+    """``message`` with other options in its svd-meta: what the SDK would have refused."""
+    headers = [(n, v) for n, v in message.headers if n != "svd-meta"]
+    meta = orjson.loads(dict(message.headers)["svd-meta"])
+    headers.append(("svd-meta", orjson.dumps({**meta, "options": options})))
+    return codec.EncodedMessage(key=message.key, value=message.value, headers=headers)
+
+
+@pytest.mark.parametrize(
+    ("matrix", "options", "match"),
+    [
+        (random_sparse(np.random.default_rng(2), (5, 4)), {}, "needs options.k"),
+        (random_sparse(np.random.default_rng(2), (5, 4)), {"k": 2, "algorithm": "dense"}, "densify"),
+        (np.ones((5, 4)), {"algorithm": "arpack"}, "needs k"),
+        (np.ones((5, 4)), {"k": 2, "algorithm": "jacobi"}, "algorithm"),
+    ],
+)  # fmt: skip
+def test_invalid_requests_are_refused_before_any_compute(
+    matrix: Any, options: dict[str, Any], match: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def must_not_compute(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("computed")
+
+    monkeypatch.setattr(compute, "svd", must_not_compute)
+    message = _with_options(_request("bad-1", matrix, k=2), options)
+    with prepare_job([_record(message)], CONTEXT) as prepared:
+        (outcome,) = worker.run_job(prepared.job).items
+    assert isinstance(outcome, Refused) and outcome.code == ErrorCode.INVALID_SCHEMA
+    assert match in outcome.message and outcome.request_id == "bad-1" and not outcome.computed
+
+
+async def test_through_a_real_worker_pool() -> None:
+    cases = _cases()
+    records = [_record(_request(f"p-{i}", m, **o)) for i, (m, o, _) in enumerate(cases)]
+    async with WorkerPool(1, 1) as pool:
+        with prepare_job(records, CONTEXT) as prepared:
+            outcome = await pool.run(prepared.job, timeout=60)
+            for (matrix, options, _), reply in zip(cases, _replies(prepared, outcome), strict=True):
+                np.testing.assert_allclose(reply.s, _reference(matrix, options["k"]), rtol=2e-4)
+
+
+# --- the request's price and its options on the way to the worker -------------------------------
+
+
+def test_a_sparse_request_is_priced_by_its_arrays_never_dense() -> None:
     # 10000 x 8000 with 4000 entries: 640 MB dense, well under 1 MB as it travels.
     matrix = random_sparse(np.random.default_rng(3), (10_000, 8_000), density=0.00005)
-    message = _sparse_request(matrix, k=2)
-    prepared = prepare(_record(message), DecodeLimits())
-    assert prepared.rejection is None
+    message = _request("price-1", matrix, k=2)
+    assert len(message.value) < 1 << 20
+    ticket = admission.price(_consumer_record(message), LIMITS)
     factors = 10_000 * 2 + 2 + 2 * 8_000
-    arrays = matrix.nnz * 8 + matrix.nnz * 4 + 10_001 * 4
-    assert prepared.cost == len(message.value) + arrays + 2 * 8 * factors
-    as_float32 = prepare(_record(_sparse_request(matrix, k=2, dtype="float32")), DecodeLimits())
-    assert as_float32.cost == len(message.value) + arrays - matrix.nnz * 4 + 2 * 4 * factors
+    assert ticket.answer_bytes == 8 * factors  # exact, from the svd-meta header
+    assert ticket.cost == 2 * len(message.value) + 2 * 8 * factors
+    as_float32 = _request("price-1", matrix, k=2, dtype="float32")
+    ticket32 = admission.price(_consumer_record(as_float32), LIMITS)
+    assert ticket32.answer_bytes == 4 * factors
+    assert ticket32.cost == 2 * len(as_float32.value) + 2 * 4 * factors
 
 
-class CapturingPool:
+class InProcessPool:
+    """The worker's code run in this process; records every job it was given."""
+
     size = 1
 
     def __init__(self) -> None:
-        self.items: list[JobItem] = []
+        self.jobs: list[Any] = []
 
     async def run(self, job: Any, timeout: float | None = None) -> Any:
-        self.items.extend(job.items)
-        return run_job(job)
+        self.jobs.append(job)
+        return worker.run_job(job)
 
 
-async def test_the_algorithm_and_a_seed_from_the_request_id_reach_the_worker() -> None:
+async def test_the_algorithm_and_a_seed_from_the_request_id_reach_the_compute(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[dict[str, Any]] = []
+    real = compute.svd
+
+    def spy(a: Any, **options: Any) -> compute.SvdFactors:
+        calls.append(options)
+        return real(a, **options)
+
+    monkeypatch.setattr(compute, "svd", spy)
     matrix = random_sparse(np.random.default_rng(4), (30, 20))
-    prepared = prepare(_record(_sparse_request(matrix, k=3, algorithm="lobpcg")), DecodeLimits())
-    pool = CapturingPool()
+    message = _request("price-1", matrix, k=3, algorithm="lobpcg")
+    pool = InProcessPool()
     settings = ConsumerSettings()  # batched or not, the job reaches the pool
-    computer = Computer(settings, pool, Metrics())  # type: ignore[arg-type]
+    metrics = Metrics()
+    inflight = InFlight(Budget(max_requests=10, max_bytes=1 << 30))
+    dispatcher = Dispatcher(settings, pool, metrics, inflight)  # type: ignore[arg-type]
     try:
-        message = await computer.compute(prepared, "host")
+        delivery, attempts = await dispatcher.run(
+            admission.price(_consumer_record(message), LIMITS)
+        )
+        try:
+            assert isinstance(delivery.outcome, Answered) and delivery.value is not None
+            reply = codec.decode_reply(bytes(delivery.value), list(delivery.outcome.headers))
+        finally:
+            delivery.release()
     finally:
-        computer.close()
-    (item,) = pool.items
-    assert item.algorithm == "lobpcg" and item.seed == truncated.seed_from("price-1")
-    reply = codec.decode_reply(message.value, message.headers)
+        dispatcher.close()
+    assert attempts == 1 and len(pool.jobs) == 1
+    (call,) = calls
+    assert call["algorithm"] == "lobpcg" and call["seed"] == seed_from("price-1")
     assert isinstance(reply, codec.DecodedResult)
     assert (reply.meta.algorithm, reply.meta.driver) == ("lobpcg", "svds")
     np.testing.assert_allclose(reply.s, _reference(matrix, 3), rtol=1e-7)
+    assert reply.meta.timings.queue_wait_ms < 60_000  # since it was dispatched, not the epoch

@@ -217,8 +217,10 @@ def test_encode_request_refuses_what_the_service_would_reject(matrix: Any, code:
 
 
 def test_reply_topic_and_encoding_defaults() -> None:
+    # No reply topic is the service's own results topic, whatever it is configured to be: the
+    # decoded request says none rather than a constant that may not be the configured one.
     meta = SvdRequestMeta(request_id="r", matrix=MatrixSpec(shape=[1, 1], dtype="float64"))
     message = encode_request(meta, np.ones((1, 1)), Encoding.BINARY)
     decoded = decode_request(message.value, message.headers)
-    assert decoded.reply_topic == "svd-results"
+    assert decoded.meta.reply_topic is None
     assert decoded.reply_encoding is Encoding.BINARY
