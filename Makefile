@@ -1,5 +1,5 @@
 # Common tasks. `make run` and `make test` set everything up on a fresh machine first.
-.PHONY: setup test-setup run test unit integration faults lint typecheck bench broker-up broker-down clean
+.PHONY: setup test-setup run test unit integration faults lint typecheck bench profile broker-up broker-down clean
 
 VENV := .venv
 BIN := $(VENV)/bin
@@ -44,6 +44,14 @@ bench:
 	@scripts/bootstrap.sh redis-server
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# Where the consumer's own process spends its CPU in the pre-filled scenario: py-spy (from the
+# bench extra) or, where it cannot attach, cProfile; a top-N table on stdout, the tables and flame
+# graphs beside the JSON report. E.g. `make profile PROFILE_ARGS="--sizes 32,512"`.
+PROFILE_ARGS ?= --sizes 32
+profile: setup
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python -m bench --profile --skip quickfix,celery $(PROFILE_ARGS)
 
 broker-up: setup
 	$(BIN)/svd-broker up

@@ -4,6 +4,10 @@ One run, one broker, the same matrices for every scenario; a table of ratios to 
 stdout and a JSON report (``--output``, default ``bench/results/<timestamp>.json``). Everything
 it starts (broker, consumers, redis-server, Celery) is stopped on every path, Ctrl-C included.
 See docs/performance.md.
+
+Where the consumer's own process spends its CPU in the pre-filled scenario (``make profile``):
+``python -m bench --profile --sizes 32 --skip quickfix,celery`` prints a top-N table of its
+functions by own time and leaves it, with a flame graph, beside the JSON report (bench/profiling.py).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import hop, report
+from bench import hop, profiling, report
 from bench.celery_peer import CeleryPeer
 from bench.kafka_runs import Variant, run_variant
 from bench.procs import REPO, Children, python_module
@@ -65,6 +69,18 @@ def _parser() -> argparse.ArgumentParser:
         "--bootstrap",
         default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS"),
         help="use this broker instead of starting one (env KAFKA_BOOTSTRAP_SERVERS)",
+    )
+    p.add_argument(
+        "--profile",
+        nargs="?",
+        const="auto",
+        choices=profiling.KINDS,
+        help="profile the consumer's own process in each pre-filled run: py-spy where it can "
+        "attach, else cProfile (default auto); tables and flame graphs go beside the report",
+    )
+    p.add_argument("--profile-top", type=int, default=25, help="rows in each profile table")
+    p.add_argument(
+        "--profile-native", action="store_true", help="py-spy: C frames too (GC, orjson, numpy)"
     )
     p.add_argument("--output", type=Path, help="JSON report path")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
@@ -168,10 +184,16 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {
             "seconds": seconds, "min_count": min_count, "max_count": max_count,
             "latency_seconds": latency_seconds, "variants": [v.name for v in variants],
-            "skip": sorted(skip), "dtype": "float64",
+            "skip": sorted(skip), "dtype": "float64", "profile": args.profile,
         },
         "sizes": {},
     }  # fmt: skip
+    profiler_kind = ""
+    if args.profile and "kafka" not in skip:
+        profiler_kind, why = profiling.choose(args.profile)
+        _log(f"profiling the consumer's process with {why}")
+        result["settings"]["profiler"] = profiler_kind
+    profiles_dir = output.with_name(output.stem + "-profile")
     workdir = Path(tempfile.mkdtemp(prefix="svd-bench-"))
     children = Children()
     failed = False
@@ -210,9 +232,16 @@ def main(argv: list[str] | None = None) -> int:
                 size["variants"] = {}
                 for variant in variants:
                     _log(f"{shape.label}: service '{variant.name}', {count} requests")
+                    profiler = (
+                        profiling.make(
+                            profiler_kind, profiles_dir / f"{shape.label}-{variant.name}",
+                            children, args.profile_top, variant.tree or REPO, args.profile_native,
+                        )
+                        if profiler_kind else None
+                    )  # fmt: skip
                     run = functools.partial(
                         run_variant, bootstrap, shape, variant, count, size["ceiling"]["rate"], latency_seconds,
-                        args.latency_max, 2 * cpus, workdir, children, broker_pid, cpus,
+                        args.latency_max, 2 * cpus, workdir, children, broker_pid, cpus, profiler,
                     )  # fmt: skip
                     size["variants"][variant.name] = _guard(
                         f"{shape.label} {variant.name}", lambda run=run: asyncio.run(run())
@@ -238,6 +267,12 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
     print(report.text(result))
     print(f"\nJSON report: {output}")
+    for size in result["sizes"].values():
+        for variant in size.get("variants", {}).values():
+            files = ((variant.get("prefilled") or {}).get("profile") or {}).get("files", {})
+            if "table" in files:
+                print(f"\n{Path(files['table']).read_text().rstrip()}")
+                print("  files: " + ", ".join(sorted(files.values())))
     floor = result.get("kafka_hop", {})
     if floor.get("p50_ms") is not None:
         print(

@@ -18,6 +18,7 @@ import asyncio
 import os
 import re
 import subprocess
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -28,7 +29,9 @@ import numpy as np
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from bench import report
 from bench.procs import REPO, Children, CpuSplit, TreeMemory, python_module, spawn, stop
+from bench.profiling import ConsumerProfiler
 from bench.workload import Shape, matrices, percentile
 from localkafka import TopicSettings, ensure_topics
 from producer_sdk import AsyncSvdClient
@@ -81,8 +84,10 @@ class ConsumerProcess:
         log_path: Path,
         variant: Variant,
         children: Children,
+        profiler: ConsumerProfiler | None = None,
     ) -> None:
         self.log_path = log_path
+        self.profiler = profiler
         self._cwd = variant.tree or REPO
         self._env = {
             **os.environ,
@@ -102,9 +107,10 @@ class ConsumerProcess:
 
     def start(self) -> None:
         # python -m puts the working directory first on sys.path: the variant's tree is imported.
-        proc = spawn(
-            python_module("consumer", "run"), log_path=self.log_path, env=self._env, cwd=self._cwd
-        )
+        argv, env = python_module("consumer", "run"), self._env
+        if self.profiler is not None:
+            argv, env = self.profiler.command(argv, env)
+        proc = spawn(argv, log_path=self.log_path, env=env, cwd=self._cwd)
         self._proc = proc
         self.pid = proc.pid
         self._children.add(self.stop)
@@ -128,6 +134,8 @@ class ConsumerProcess:
             await asyncio.sleep(0.05)
 
     def stop(self) -> None:
+        if self.profiler is not None:
+            self.profiler.close()
         if self.memory is not None:
             self.memory.stop()
         if self._proc is not None:
@@ -203,7 +211,8 @@ async def run_prefilled(
 
     From the first answer to the last, the CPU time of the consumer's process, its workers,
     the broker and this process is recorded: the share the workers got is what a ratio to the
-    ceiling (which gives them every CPU) can at most be.
+    ceiling (which gives them every CPU) can at most be. The consumer's profiler, if it has one,
+    covers the same window.
     """
     count = len(created)
     reader = AIOKafkaConsumer(
@@ -220,15 +229,28 @@ async def run_prefilled(
         # Only offsets are polled while the service runs: reading 16 MB answers here would take
         # CPU from it. They are read once every answer is in.
         split: CpuSplit | None = None
+        profiler = consumer.profiler
+        profiled = False
         while (answered := await _answered(reader, partitions)) < count:
             consumer.check_alive()
             if answered and split is None:
                 split = CpuSplit(consumer.pid, broker_pid, cpus)
                 split.start()
+                if profiler is not None:
+                    profiler.start(consumer.pid)
+                    profiled = True
             if time.monotonic() - started > 1800:
                 raise TimeoutError("pre-filled run did not finish within 30 min")
             await asyncio.sleep(0.05)
         cpu = split.stop() if split is not None else None
+        # After the split: stopping the profiler costs the consumer CPU the split should not see.
+        profile: dict[str, Any] | None = None
+        if profiler is not None and profiled:
+            try:
+                profile = profiler.stop().as_json()
+            except Exception as exc:  # the run's figures are still worth having
+                print(f"bench: the consumer's profile failed: {exc!r}", file=sys.stderr)
+                profile = {"error": repr(exc)}
         reader.assign(partitions)
         await reader.seek_to_beginning(*partitions)
         dispatched: list[float] = []
@@ -260,6 +282,8 @@ async def run_prefilled(
         "errors": errors,
         "compute_ms_p50": percentile(compute_ms, 50),
         "cpu": cpu,
+        "consumer_worker_cpu_pct": report.consumer_worker_pct(cpu),
+        **({"profile": profile} if profile is not None else {}),
     }
 
 
@@ -349,13 +373,13 @@ async def run_variant(
     children: Children,
     broker_pid: int | None = None,
     cpus: int = 1,
+    profiler: ConsumerProfiler | None = None,
 ) -> dict[str, Any]:
     inputs = matrices(shape)
     topics = _topics(shape.label, variant.name)
     await ensure_topics(bootstrap, topics)
-    consumer = ConsumerProcess(
-        bootstrap, topics, workdir / f"consumer-{shape.label}-{variant.name}.log", variant, children
-    )
+    log_path = workdir / f"consumer-{shape.label}-{variant.name}.log"
+    consumer = ConsumerProcess(bootstrap, topics, log_path, variant, children, profiler)
     out: dict[str, Any] = {"env": variant.env, "tree": str(variant.tree or REPO)}
     try:
         created = await _prefill(bootstrap, topics.requests, inputs, count)

@@ -18,6 +18,7 @@ HEADER = (
     "added p50 ms at 1/20 load",
     "peak RSS (PSS) MiB",
     "prefilled CPU % workers/consumer/broker",
+    "consumer÷worker CPU %",
 )
 
 
@@ -46,6 +47,28 @@ def _cpu(prefilled: dict[str, Any] | None) -> str:
     if not cpu:
         return "-"
     return "/".join(f"{100 * cpu[k]:.0f}" for k in ("workers", "consumer", "broker"))
+
+
+def consumer_worker_pct(cpu: dict[str, Any] | None) -> float | None:
+    """The consumer's own process's CPU time as a percentage of its workers' (issue #16's target).
+
+    None without a CPU split, or when the workers got no measurable CPU (nothing to divide by).
+    """
+    if not cpu or cpu.get("workers", 0) <= 0:
+        return None
+    return 100 * float(cpu["consumer"]) / float(cpu["workers"])
+
+
+def _consumer_worker(prefilled: dict[str, Any] | None) -> str:
+    prefilled = prefilled or {}
+    # Reports written before the figure was stored still have the split it comes from.
+    pct = prefilled.get("consumer_worker_cpu_pct")
+    if pct is None:
+        pct = consumer_worker_pct(prefilled.get("cpu"))
+    if pct is None:
+        return "-"
+    # The targets go down to a few percent, where a whole number would hide the difference.
+    return f"{pct:.0f}" if pct >= 10 else f"{pct:.1f}"
 
 
 def rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
@@ -82,6 +105,7 @@ def rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
                     _ms((variant.get("latency_low") or {}).get("added_p50_ms")),
                     peak,
                     _cpu(variant.get("prefilled")),
+                    _consumer_worker(variant.get("prefilled")),
                 )
             )
     return out
