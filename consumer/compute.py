@@ -176,10 +176,17 @@ def extreme_exponent(a: Any) -> int:
     if values.size == 0:
         return 0
     largest = max(float(values.max()), -float(values.min()))
-    info = np.finfo(values.dtype)
-    if largest == 0.0 or 2.0 ** (info.minexp // 2) <= largest <= 2.0 ** (info.maxexp // 2):
+    if ordinary_scale(np.asarray(largest), values.dtype):
         return 0
     return math.frexp(largest)[1]
+
+
+def ordinary_scale(largest: npt.NDArray[Any], dtype: npt.DTypeLike) -> npt.NDArray[np.bool_]:
+    """Where the largest absolute entries given leave a matrix's squares within ``dtype``'s
+    range (or the matrix is zero): ``extreme_exponent`` 0, for many matrices at once."""
+    info = np.finfo(dtype)
+    low, high = 2.0 ** (info.minexp // 2), 2.0 ** (info.maxexp // 2)
+    return np.asarray((largest == 0.0) | ((low <= largest) & (largest <= high)))
 
 
 def _ldexp(a: Any, exponent: int) -> Any:

@@ -26,7 +26,7 @@ from consumer.jobs import Answered, Header, NeedsRoom, Refused, WorkerContext
 from consumer.truncated import seed_from
 from schemas import codec
 from schemas.errors import ContractError, ErrorCode, SvdServiceError
-from schemas.models import SvdRequestMeta, SvdResultMeta
+from schemas.models import ITEMSIZE, SvdRequestMeta, SvdResultMeta
 from schemas.sparse import SparseMatrix
 
 # Stacked only below this size: above it one LAPACK call per matrix costs far more than the
@@ -131,7 +131,6 @@ def _stackable(ready: list[_Decoded]) -> list[list[_Decoded]]:
             and options.algorithm in (None, "auto", "dense")
             and d.item.before_compute is None
             and d.a.size <= _STACK_MAX_ELEMENTS
-            and not compute.extreme_exponent(d.a)
         ):
             key = (d.a.shape, d.a.dtype, options.full_matrices, options.compute_uv)
             groups.setdefault(key, []).append(d)
@@ -141,11 +140,17 @@ def _stackable(ready: list[_Decoded]) -> list[list[_Decoded]]:
 def _compute_stack(group: list[_Decoded]) -> None:
     options = group[0].meta.options
     started = time.time()
+    stack = np.stack([d.a for d in group])
+    # A matrix of extreme scale is computed alone (``compute.svd`` scales it first).
+    ordinary = compute.ordinary_scale(np.abs(stack).max(axis=(1, 2)), stack.dtype)
+    if not ordinary.all():
+        group = [d for d, keep in zip(group, ordinary, strict=True) if keep]
+        stack = stack[ordinary]
+        if len(group) < 2:
+            return
     try:
         stacked = compute.svd_stack(
-            np.stack([d.a for d in group]),
-            full_matrices=options.full_matrices,
-            compute_uv=options.compute_uv,
+            stack, full_matrices=options.full_matrices, compute_uv=options.compute_uv
         )
     except np.linalg.LinAlgError:
         return  # each is computed on its own, with the fallback driver if it needs it
@@ -231,9 +236,12 @@ def _finish(d: _Decoded, context: WorkerContext) -> Answered | Refused:
 def _compute_input(matrix: Any, dtype: str) -> Any:
     """The matrix as compute takes it, in the compute dtype: a dense array (a view of the value
     when no cast is needed), or a scipy.sparse matrix over the received arrays."""
+    # Wire dtypes are float32 and float64: the item size tells them apart (``dtype.name`` is a
+    # Python-level property, a measurable share of a 32x32 request).
+    itemsize = ITEMSIZE[dtype]
     if not isinstance(matrix, SparseMatrix):
-        return matrix if matrix.dtype.name == dtype else matrix.astype(dtype)
-    data = matrix.data if matrix.data.dtype.name == dtype else matrix.data.astype(dtype)
+        return matrix if matrix.dtype.itemsize == itemsize else matrix.astype(dtype)
+    data = matrix.data if matrix.data.dtype.itemsize == itemsize else matrix.data.astype(dtype)
     first, second = matrix.index_arrays
     if matrix.format == "coo":
         return scipy.sparse.coo_array((data, (first, second)), shape=matrix.shape)

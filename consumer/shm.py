@@ -75,8 +75,14 @@ class ArraySpec:
     def of(cls, shape: tuple[int, ...], dtype: npt.DTypeLike) -> ArraySpec:
         return cls(tuple(int(d) for d in shape), np.dtype(dtype).str)
 
+    @classmethod
+    def raw(cls, nbytes: int) -> ArraySpec:
+        """Room for ``nbytes`` plain bytes (``of`` for a byte array, without numpy's dtype
+        lookup: the service reserves three of these per request)."""
+        return cls((nbytes,), "|u1")
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(frozen=True)  # no slots: it crosses the pipe (see consumer/jobs.py)
 class ArrayLayout:
     """Where an array lives in a block: byte offset, shape and dtype (``numpy.dtype.str``)."""
 
@@ -89,7 +95,7 @@ class ArrayLayout:
         return math.prod(self.shape) * np.dtype(self.dtype).itemsize
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)  # no slots: it crosses the pipe (see consumer/jobs.py)
 class BlockDescriptor:
     """What the worker needs to attach a block: small and picklable."""
 

@@ -61,7 +61,8 @@ def load_json_object(
         obj = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise _json_error(exc, what) from exc
-    _check_unique_keys(data, what, limits.max_json_keys)
+    if not _keys_all_counted(obj, data):
+        _check_unique_keys(data, what, limits.max_json_keys)
     if type(obj) is not dict:
         raise ContractError(ErrorCode.INVALID_SCHEMA, f"{what} must be a JSON object")
     return obj
@@ -125,6 +126,37 @@ def _non_finite_literal(doc: str, pos: int) -> str | None:
 # almost nothing, and an array of strings is one match, not one Python step per string.
 _STRING = rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"'
 _STRING_RUN = re.compile(rb'(%s)(?:[^"{}:]*+(%s))*+(\s*+:)?' % (_STRING, _STRING))
+
+
+# A key as it can only end: a closing quote, maybe spaces, a colon. Also matched inside a string
+# value that holds such text, so a count of these is never below the number of keys.
+_KEY_END = re.compile(rb'"\s*:')
+# The most containers and elements the fast path walks; a bulk array of numbers is left to the
+# scan below, which passes over it at memchr speed.
+_KEY_COUNT_WALK = 512
+
+
+def _keys_all_counted(parsed: object, data: bytes | bytearray | memoryview) -> bool:
+    """True when the parsed document kept as many keys as the text can hold, so none was a
+    repeat (orjson keeps one of each); False means "not shown": ``_check_unique_keys`` decides.
+
+    The scan costs a Python step per string; this, a C-speed count and a walk of a small
+    document (an svd-meta header), which is what every binary request carries.
+    """
+    kept, budget = 0, _KEY_COUNT_WALK
+    stack = [parsed]
+    while stack:
+        node = stack.pop()
+        if type(node) is dict:
+            kept += len(node)
+            budget -= len(node)
+            stack.extend(node.values())
+        elif type(node) is list:
+            budget -= len(node)
+            stack.extend(node)
+        if budget < 0:
+            return False
+    return kept == len(_KEY_END.findall(_as_bytes(data)))
 
 
 def _check_unique_keys(data: bytes | bytearray | memoryview, what: str, max_keys: int) -> None:
@@ -224,13 +256,12 @@ def peek_request_id(obj: object) -> str | None:
     return value if is_valid_request_id(value) else None
 
 
+# Printable ASCII without spaces, as the RequestId model says; a regex checks it in C.
+_REQUEST_ID = re.compile(r"[!-~]{1,128}")
+
+
 def is_valid_request_id(value: object) -> bool:
-    return (
-        type(value) is str
-        and 1 <= len(value) <= 128
-        and value.isascii()
-        and all("!" <= c <= "~" for c in value)
-    )
+    return type(value) is str and _REQUEST_ID.fullmatch(value) is not None
 
 
 # Kafka's rule for topic names, as schemas.models.TopicName states it.

@@ -8,7 +8,7 @@ KiB = 1024
 MiB = 1024 * KiB
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)  # no slots: the service pickles it to its workers with every job
 class DecodeLimits:
     max_rows: int = 16_384
     max_cols: int = 16_384
