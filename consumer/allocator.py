@@ -25,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -95,10 +96,14 @@ class HeapTrimmer:
         self._floor = resident_bytes()
         self.trims = 0
 
-    def check(self, live_bytes: int = 0) -> bool:
-        """Trim if the memory not held by requests grew past the allowance; True if trimmed."""
+    def check(self, live_bytes: int = 0, before_trim: Callable[[], object] | None = None) -> bool:
+        """Trim if the memory not held by requests grew past the allowance; True if trimmed.
+        ``before_trim`` runs first, when a trim is due (the service frees garbage cycles that
+        may hold large buffers, so their memory is handed back too)."""
         if resident_bytes() - live_bytes - self._floor <= self._keep_bytes:
             return False
+        if before_trim is not None:
+            before_trim()
         release_free_memory()
         self._floor = resident_bytes() - live_bytes
         self.trims += 1

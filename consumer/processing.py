@@ -29,9 +29,9 @@ from schemas.errors import ContractError, ErrorCode, SvdServiceError
 from schemas.models import ITEMSIZE, SvdRequestMeta, SvdResultMeta
 from schemas.sparse import SparseMatrix
 
-# Stacked only below this size: above it one LAPACK call per matrix costs far more than the
-# Python around it, and a stack would be a second copy of every matrix (``make bench``).
-_STACK_MAX_ELEMENTS = 128 * 128
+# Stacked only up to this size: above it one LAPACK call per matrix costs far more than the
+# Python around it, and the stacked call stopped paying (docs/performance.md, #16).
+_STACK_MAX_ELEMENTS = 64 * 64
 
 
 @dataclass(frozen=True, slots=True)

@@ -222,7 +222,6 @@ class SvdService:
         # (`make profile`); and a young collection every few requests is more often than the
         # few cycles the request path makes need.
         gc.freeze()
-        gc.set_threshold(_GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
     async def _consume(self) -> None:
         poll_ms = int(self.settings.poll_timeout_s * 1000)
@@ -423,7 +422,9 @@ class SvdService:
         trimmer = allocator.HeapTrimmer(self.settings.allocator_keep_bytes)
         while True:
             await asyncio.sleep(interval_s)
-            trimmer.check(live_bytes=self.inflight.bytes)
+            # Reference cycles (aiokafka's, and a failed request's traceback) can hold answer
+            # buffers until a full collection: collected first, their pages are trimmed too.
+            trimmer.check(live_bytes=self.inflight.bytes, before_trim=gc.collect)
 
     # -- shutdown ------------------------------------------------------------------------------
     async def _shutdown(self, started: float) -> Summary:
