@@ -46,10 +46,6 @@ from consumer.unreadable import UNREADABLE_ERRORS, UnreadableReader
 log = logging.getLogger(__name__)
 
 
-# Allocations between two young collections (CPython's default is 700).
-_GC_YOUNG_THRESHOLD = 20_000
-
-
 @dataclass(frozen=True)
 class Summary:
     received: int
@@ -219,8 +215,8 @@ class SvdService:
         # Everything allocated so far lives as long as the service: the collector need not
         # walk it again each time the request path's short-lived objects trigger a full
         # collection, which cost the loop a large share of its CPU at small sizes
-        # (`make profile`); and a young collection every few requests is more often than the
-        # few cycles the request path makes need.
+        # (`make profile`). Young collections stay at CPython's pace: cycles hold answer
+        # buffers until collected (tests/faults/test_backlog_memory.py).
         gc.freeze()
 
     async def _consume(self) -> None:
