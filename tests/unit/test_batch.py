@@ -13,7 +13,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import numpy as np
@@ -28,26 +28,17 @@ from consumer.jobs import Answered, Record, WorkerContext
 from consumer.metrics import Metrics
 from consumer.pool import WorkerPool
 from consumer.settings import ConsumerSettings
-from consumer.shm import SHM_DIR, SegmentCache, segment_prefix
+from consumer.shm import SegmentCache
 from schemas import SvdRequestMeta, codec
 from schemas.limits import DecodeLimits
 from tests.support.kafka_io import make_request
 from tests.support.sparse import random_sparse
 
+pytestmark = pytest.mark.usefixtures("no_leaked_segments")
+
 DEADLINE = 60.0
 LIMITS = DecodeLimits()
 CONTEXT = WorkerContext(LIMITS, instance_id="test", host=socket.gethostname())
-
-
-def _segments() -> list[str]:
-    return sorted(p.name for p in SHM_DIR.iterdir() if p.name.startswith(segment_prefix()))
-
-
-@pytest.fixture(autouse=True)
-def no_leaked_segments() -> Iterator[None]:
-    before = _segments()
-    yield
-    assert _segments() == before
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -24,13 +23,15 @@ from consumer.pool import TaskFailed, TaskTimeout, WorkerCrashed
 from consumer.publisher import Publisher
 from consumer.reply_topics import ReplyTopics
 from consumer.settings import ConsumerSettings
-from consumer.shm import SHM_DIR, ShmAllocationError, segment_prefix
+from consumer.shm import ShmAllocationError
 from consumer.unreadable import unreadable_record
 from schemas import codec
 from schemas.deadletter import read_dead_letter
 from schemas.errors import ErrorCode
 from schemas.models import ErrorResult
 from tests.support.kafka_io import make_request
+
+pytestmark = pytest.mark.usefixtures("no_leaked_segments")
 
 TP = TopicPartition("svd-requests", 0)
 
@@ -95,17 +96,6 @@ def _record(message: codec.EncodedMessage, offset: int = 0) -> ConsumerRecord[by
         key=message.key, value=message.value, checksum=None, serialized_key_size=0,
         serialized_value_size=len(message.value), headers=tuple(message.headers),
     )  # fmt: skip
-
-
-def _segments() -> list[str]:
-    return sorted(p.name for p in SHM_DIR.iterdir() if p.name.startswith(segment_prefix()))
-
-
-@pytest.fixture(autouse=True)
-def no_leaked_segments() -> Iterator[None]:
-    before = _segments()
-    yield
-    assert _segments() == before
 
 
 SETTINGS = ConsumerSettings(retry_backoff_s=0.0, shm_cache_bytes=0)

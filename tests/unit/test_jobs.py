@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -27,21 +26,12 @@ from consumer.jobs import (
     release_view,
     unpack_headers,
 )
-from consumer.shm import SHM_DIR, SegmentCache, segment_prefix
+from consumer.shm import SHM_DIR, SegmentCache
 from schemas.limits import DecodeLimits
 
+pytestmark = pytest.mark.usefixtures("no_leaked_segments")
+
 CONTEXT = WorkerContext(DecodeLimits(), instance_id="test", host="here")
-
-
-def _segments() -> list[str]:
-    return sorted(p.name for p in SHM_DIR.iterdir() if p.name.startswith(segment_prefix()))
-
-
-@pytest.fixture(autouse=True)
-def no_leaked_segments() -> Iterator[None]:
-    before = _segments()
-    yield
-    assert _segments() == before
 
 
 # --- headers ------------------------------------------------------------------------------------

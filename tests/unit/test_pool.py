@@ -10,7 +10,7 @@ import multiprocessing
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -40,11 +40,13 @@ from consumer.pool import (
     WorkerPool,
     WorkerStartError,
 )
-from consumer.shm import SHM_DIR, segment_prefix
+from consumer.shm import segment_prefix
 from schemas import codec
 from schemas.errors import ErrorCode
 from schemas.limits import DecodeLimits
 from tests.support.kafka_io import make_request
+
+pytestmark = pytest.mark.usefixtures("no_leaked_segments")
 
 DEADLINE = 60.0  # generous: the machine is small and shared
 
@@ -64,10 +66,6 @@ class Lifecycle:
         self.exited[pid] = exitcode
 
 
-def _segments() -> list[str]:
-    return sorted(p.name for p in SHM_DIR.iterdir() if p.name.startswith(segment_prefix()))
-
-
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as stat:
@@ -82,13 +80,6 @@ async def _until(predicate: Callable[[], bool], limit: float = DEADLINE) -> None
         if time.monotonic() > deadline:
             raise AssertionError("condition not met before the deadline")
         await asyncio.sleep(0.01)
-
-
-@pytest.fixture(autouse=True)
-def no_leaked_segments() -> Iterator[None]:
-    before = _segments()
-    yield
-    assert _segments() == before
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -31,19 +30,9 @@ from consumer.shm import (
     segment_prefix,
 )
 
+pytestmark = pytest.mark.usefixtures("no_leaked_segments")
+
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _segments(pid: int | None = None) -> list[str]:
-    prefix = segment_prefix(pid)
-    return sorted(p.name for p in SHM_DIR.iterdir() if p.name.startswith(prefix))
-
-
-@pytest.fixture(autouse=True)
-def no_leaked_segments() -> Iterator[None]:
-    before = _segments()
-    yield
-    assert _segments() == before
 
 
 def _wait_until(predicate: object, timeout: float = 20.0) -> None:
