@@ -48,19 +48,24 @@ from schemas.headers import (
     encoding_of,
     header_value,
 )
-from schemas.limits import DecodeLimits
+from schemas.limits import DecodeLimits, result_limit, stores_result
 from schemas.models import (
+    ERROR_SCHEMA_VERSION,
     ITEMSIZE,
-    SCHEMA_VERSION,
+    STORED_PAYLOADS_VERSION,
     ArraySpec,
     BinaryArray,
     BinaryFactors,
     ErrorResult,
     MatrixSpec,
+    ObjectRef,
+    SparseMatrixSpec,
+    SvdRequestJson,
     SvdRequestMeta,
     SvdResultBinaryMeta,
     SvdResultMeta,
     SvdResultSpec,
+    SvdResultStored,
 )
 from schemas.records import Buffer, EncodedMessage
 from schemas.sparse import SparseMatrix
@@ -71,6 +76,7 @@ __all__ = [
     "DecodedResult",
     "EncodedMessage",
     "Encoding",
+    "StoredResult",
     "check_answerable",
     "decode_reply",
     "decode_request",
@@ -78,13 +84,19 @@ __all__ = [
     "encode_error",
     "encode_request",
     "encode_result",
+    "encode_stored_request",
+    "load_stored_request",
+    "load_stored_result",
     "read_dead_letter",
     "recover_reply_topic",
     "recover_request_id",
     "reply_encoding",
     "result_bytes",
     "result_room",
+    "stored_factors",
+    "to_stored",
     "write_result",
+    "write_stored_result",
 ]
 
 _DEFAULT_LIMITS = DecodeLimits()
@@ -96,22 +108,35 @@ _JSON_RESULT_OVERHEAD = 4096
 # The smallest float64 that rounds to infinity in float32: halfway between float32's largest
 # number, 2**128 - 2**104, and 2**128 (the tie rounds to even, 2**128, which is infinite).
 _FLOAT32_OVERFLOWS_AT = 2.0**128 - 2.0**103
-_VERSION_HEADER = (SVD_SCHEMA_VERSION, str(SCHEMA_VERSION).encode())
+_VERSION_HEADERS = {v: (SVD_SCHEMA_VERSION, str(v).encode()) for v in (1, 2)}
 _MISSING = object()
+#: Room for the value of a result whose factors are stored: its JSON without any numbers.
+STORED_RESULT_ROOM = 8 * 1024
 
 
 @dataclass(frozen=True, slots=True)
 class DecodedRequest:
     meta: SvdRequestMeta
     # In the wire dtype (not yet options.dtype); read-only. For binary, a view of the value.
-    # A SparseMatrix when the request's matrix has a format (schemas/sparse.py).
-    matrix: FloatArray | SparseMatrix
+    # A SparseMatrix when the request's matrix has a format (schemas/sparse.py). None while a
+    # stored matrix is not loaded yet (``stored`` says where it is; ``load_stored_request``).
+    matrix: FloatArray | SparseMatrix | None
     encoding: Encoding
     nbytes: int  # size of the received value
+    stored: ObjectRef | None = None
 
     @property
     def reply_encoding(self) -> Encoding:
         return reply_encoding(self.meta, self.encoding)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResult:
+    """A result whose factors are in a store: where (``ref``) and how they lie in the object."""
+
+    meta: SvdResultMeta
+    factors: BinaryFactors
+    ref: ObjectRef
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,8 +156,8 @@ def _view(value: Buffer) -> memoryview:
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 
-def _headers(encoding: Encoding) -> list[tuple[str, bytes]]:
-    return [(CONTENT_TYPE, CONTENT_TYPES[encoding].encode()), _VERSION_HEADER]
+def _headers(encoding: Encoding, version: int) -> list[tuple[str, bytes]]:
+    return [(CONTENT_TYPE, CONTENT_TYPES[encoding].encode()), _VERSION_HEADERS[version]]
 
 
 # ----------------------------------------------------------------------------------- requests
@@ -153,11 +178,62 @@ def decode_request(
     check_version_header(
         header_value(headers, SVD_SCHEMA_VERSION, max_bytes=limits.max_header_bytes)
     )
+    matrix: FloatArray | SparseMatrix | None
     if encoding is Encoding.JSON:
         meta, matrix = _decode_json_request(view, limits)
     else:
         meta, matrix = _decode_binary_request(view, headers, limits)
-    return DecodedRequest(meta=meta, matrix=matrix, encoding=encoding, nbytes=view.nbytes)
+    stored = meta.stored if isinstance(meta, SvdRequestJson) else None
+    return DecodedRequest(
+        meta=meta, matrix=matrix, encoding=encoding, nbytes=view.nbytes, stored=stored
+    )
+
+
+def _decode_stored_request(obj: dict[str, Any], limits: DecodeLimits) -> SvdRequestJson:
+    """A JSON request whose matrix is a reference: everything but the matrix's bytes is checked
+    here, the object's size included, so nothing is fetched for a request that would fail."""
+    check_structure(obj, limits, "value")
+    request_id = peek_request_id(obj)
+    check_schema_version(obj, "value", request_id)
+    meta = validate(SvdRequestJson, obj, "value", request_id)
+    ref = meta.stored
+    assert ref is not None  # the discriminator chose a stored matrix
+    spec = meta.matrix
+    if isinstance(spec, SparseMatrixSpec):
+        sparse.check_stored(meta, ref.nbytes, limits)
+    else:
+        _check_limits(meta, limits)
+        if ref.nbytes != spec.nbytes:
+            raise ContractError(
+                ErrorCode.SHAPE_MISMATCH,
+                f"matrix.ref.nbytes is {ref.nbytes}; a {spec.dtype} matrix of shape "
+                f"{spec.shape} needs {spec.nbytes}",
+                request_id=request_id,
+            )
+    return meta
+
+
+def load_stored_request(
+    request: DecodedRequest, data: Buffer, limits: DecodeLimits | None = None
+) -> DecodedRequest:
+    """``request`` with its stored matrix read from ``data``, the object's bytes (already
+    verified against the reference): checked as a binary request's value would be."""
+    limits = limits or _DEFAULT_LIMITS
+    meta = request.meta
+    view = _view(data)
+    loaded: FloatArray | SparseMatrix
+    if isinstance(meta.matrix, SparseMatrixSpec):
+        head = meta.model_dump(mode="json", exclude_none=True)
+        del head["matrix"]["ref"]
+        _, loaded = sparse.decode_binary(view, head, limits)
+    else:
+        dense = from_buffer(view, 0, meta.matrix.shape, meta.matrix.dtype)
+        check_finite(dense, "matrix", meta.request_id)
+        loaded = dense
+    return DecodedRequest(
+        meta=meta, matrix=loaded, encoding=request.encoding, nbytes=request.nbytes,
+        stored=request.stored,
+    )  # fmt: skip
 
 
 def reply_encoding(meta: SvdRequestMeta, request_encoding: Encoding) -> Encoding:
@@ -210,7 +286,7 @@ def check_answerable(request: DecodedRequest, limits: DecodeLimits | None = None
     finite). Raises ContractError."""
     limits = limits or _DEFAULT_LIMITS
     meta, matrix, encoding = request.meta, request.matrix, request.reply_encoding
-    if encoding is Encoding.JSON:
+    if encoding is Encoding.JSON and not stores_result(meta.schema_version, limits):
         worst = result_room(meta, encoding)
         if worst > limits.max_result_bytes:
             numbers = (worst - _JSON_RESULT_OVERHEAD) // _JSON_BYTES_PER_NUMBER[
@@ -223,6 +299,8 @@ def check_answerable(request: DecodedRequest, limits: DecodeLimits | None = None
                 "false",
                 request_id=meta.request_id,
             )
+    if matrix is None:  # stored, not loaded yet: checked again once it is
+        return
     values = matrix if isinstance(matrix, np.ndarray) else matrix.data
     if ITEMSIZE[meta.compute_dtype] < values.dtype.itemsize and values.size:
         largest = max(float(values.max()), -float(values.min()))
@@ -237,9 +315,11 @@ def check_answerable(request: DecodedRequest, limits: DecodeLimits | None = None
 
 def _decode_json_request(
     view: memoryview, limits: DecodeLimits
-) -> tuple[SvdRequestMeta, FloatArray | SparseMatrix]:
+) -> tuple[SvdRequestMeta, FloatArray | SparseMatrix | None]:
     obj = load_json_object(view, "value", limits)
     matrix = obj.get("matrix")
+    if type(matrix) is dict and "ref" in matrix:
+        return _decode_stored_request(obj, limits), None
     if sparse.is_sparse(matrix):
         return sparse.decode_json(obj, limits)
     # The data array leaves the tree before the depth walk: it can hold millions of numbers, and
@@ -304,7 +384,7 @@ def _check_limits(meta: SvdRequestMeta, limits: DecodeLimits) -> None:
         ("cols", cols, limits.max_cols),
         ("elements", rows * cols, limits.max_elements),
         ("matrix bytes", meta.matrix.nbytes, limits.max_matrix_bytes),
-        ("result bytes", meta.result_nbytes(), limits.max_result_bytes),
+        ("result bytes", meta.result_nbytes(), result_limit(meta.schema_version, limits)),
     )
     for name, actual, limit in checks:
         if actual > limit:
@@ -331,7 +411,7 @@ def encode_request(
             f"meta.matrix {meta.matrix} does not describe the {wire.dtype} {wire.shape} array"
         )
     body = meta.model_dump(mode="json", exclude_none=True)
-    headers = _headers(encoding)
+    headers = _headers(encoding, meta.schema_version)
     if encoding is Encoding.JSON:
         body["matrix"]["data"] = _native(wire).reshape(-1)
         value = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
@@ -339,6 +419,18 @@ def encode_request(
         headers.append((SVD_META, orjson.dumps(body)))
         value = wire.tobytes()
     return EncodedMessage(key=meta.request_id.encode(), value=value, headers=headers)
+
+
+def encode_stored_request(meta: SvdRequestJson) -> EncodedMessage:
+    """A version 2 request whose matrix is a stored object (``meta.matrix.ref``): always JSON."""
+    if meta.stored is None:
+        raise ValueError("meta.matrix has no ref")
+    value = orjson.dumps(meta.model_dump(mode="json", exclude_none=True))
+    return EncodedMessage(
+        key=meta.request_id.encode(),
+        value=value,
+        headers=_headers(Encoding.JSON, meta.schema_version),
+    )
 
 
 def _native(array: FloatArray) -> FloatArray:
@@ -432,12 +524,15 @@ def _json_result(
         name: {"shape": list(a.shape), "dtype": a.dtype.name, "data": _native(a).reshape(-1)}
         for name, a in wire.items()
     }
-    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), _headers(Encoding.JSON)
+    headers = _headers(Encoding.JSON, meta.schema_version)
+    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), headers
 
 
-def _binary_result_headers(
+def _binary_result_body(
     meta: SvdResultMeta, wire: dict[str, np.ndarray[Any, Any]]
-) -> list[tuple[str, bytes]]:
+) -> dict[str, Any]:
+    """The result object with each factor's place in the bytes that follow it (a binary
+    result's value, or a stored result's object)."""
     body = meta.model_dump(mode="json", exclude_none=True, include=set(SvdResultMeta.model_fields))
     offset, specs = 0, {}
     for name, a in wire.items():
@@ -449,9 +544,45 @@ def _binary_result_headers(
         }
         offset += a.nbytes
     body["factors"] = specs
-    headers = _headers(Encoding.BINARY)
-    headers.append((SVD_META, orjson.dumps(body)))
+    return body
+
+
+def _binary_result_headers(
+    meta: SvdResultMeta, wire: dict[str, np.ndarray[Any, Any]]
+) -> list[tuple[str, bytes]]:
+    headers = _headers(Encoding.BINARY, meta.schema_version)
+    headers.append((SVD_META, orjson.dumps(_binary_result_body(meta, wire))))
     return headers
+
+
+def stored_factors(
+    u: np.ndarray[Any, Any] | None, s: np.ndarray[Any, Any], vt: np.ndarray[Any, Any] | None
+) -> dict[str, np.ndarray[Any, Any]]:
+    """The factors as they are stored, back to back in this order: little-endian, row-major
+    (a copy only where they are not already). ContractError NON_FINITE when one is not finite."""
+    factors = _factors(u, s, vt)
+    wire = {name: to_wire(a, name, ndim=(a.ndim,)) for name, a in factors.items()}
+    for name, a in wire.items():
+        check_finite(a, name)
+    return wire
+
+
+def write_stored_result(
+    meta: SvdResultMeta, wire: dict[str, np.ndarray[Any, Any]], ref: ObjectRef, out: memoryview
+) -> tuple[int, list[tuple[str, bytes]]]:
+    """The answer to a request whose factors (``stored_factors``) were written to the object
+    ``ref``: a JSON result with the factors' places in it and the reference, into ``out``
+    (``STORED_RESULT_ROOM`` bytes suffice)."""
+    if meta.schema_version < STORED_PAYLOADS_VERSION:
+        raise ValueError("only a version 2 result can reference stored factors")
+    body = _binary_result_body(meta, wire)
+    body["factors_ref"] = ref.model_dump(mode="json")
+    value = orjson.dumps(body)
+    target = _view(out)
+    if len(value) > target.nbytes:
+        raise ValueError(f"the result takes {len(value)} bytes; {target.nbytes} were reserved")
+    target[: len(value)] = value
+    return len(value), _headers(Encoding.JSON, meta.schema_version)
 
 
 def encode_error(
@@ -465,12 +596,14 @@ def encode_error(
     unset = {f for f in ("correlation_id", "traceparent") if getattr(result, f) is None}
     value = orjson.dumps(result.model_dump(mode="json", exclude=unset))
     key = (result.request_id or "").encode()
-    return EncodedMessage(key=key, value=value, headers=_headers(Encoding.JSON))
+    return EncodedMessage(
+        key=key, value=value, headers=_headers(Encoding.JSON, ERROR_SCHEMA_VERSION)
+    )
 
 
 def decode_reply(
     value: Buffer, headers: ReceivedHeaders, limits: DecodeLimits | None = None
-) -> DecodedResult | ErrorResult:
+) -> DecodedResult | StoredResult | ErrorResult:
     """Decode a record from the results topic. Raises ContractError if it is malformed."""
     limits = limits or _DEFAULT_LIMITS
     view = _view(value)
@@ -483,7 +616,9 @@ def decode_reply(
     return _decode_binary_reply(view, headers, limits)
 
 
-def _decode_json_reply(view: memoryview, limits: DecodeLimits) -> DecodedResult | ErrorResult:
+def _decode_json_reply(
+    view: memoryview, limits: DecodeLimits
+) -> DecodedResult | StoredResult | ErrorResult:
     obj = load_json_object(view, "value", limits)
     request_id = peek_request_id(obj)
     factors = obj.get("factors")
@@ -503,6 +638,10 @@ def _decode_json_reply(view: memoryview, limits: DecodeLimits) -> DecodedResult 
             f"status must be 'ok' or 'error', got {status!r}",
             request_id=request_id,
         )
+    if "factors_ref" in obj:
+        stored = validate(SvdResultStored, obj, "value", request_id)
+        _check_layout(stored.factors, stored.factors_ref.nbytes, request_id)
+        return StoredResult(meta=_base_meta(stored), factors=stored.factors, ref=stored.factors_ref)
     spec = validate(SvdResultSpec, obj, "value", request_id)
     arrays: dict[str, FloatArray | None] = {"u": None, "s": None, "vt": None}
     for name in arrays:
@@ -579,11 +718,40 @@ def _result(
             raise ContractError(
                 ErrorCode.INVALID_SHAPE, f"factors.{name} must be 2-D", request_id=wire.request_id
             )
+    return DecodedResult(meta=_base_meta(wire), u=u, s=s, vt=vt, encoding=encoding)
+
+
+def _base_meta(wire: SvdResultMeta) -> SvdResultMeta:
     # The base model, without the wire-specific factor descriptions.
-    meta = SvdResultMeta.model_validate(
+    return SvdResultMeta.model_validate(
         {name: getattr(wire, name) for name in SvdResultMeta.model_fields}
     )
-    return DecodedResult(meta=meta, u=u, s=s, vt=vt, encoding=encoding)
+
+
+def load_stored_result(result: StoredResult, data: Buffer) -> DecodedResult:
+    """A stored result's factors, read from ``data`` (the object's bytes, already verified
+    against the reference) as a binary result's value is."""
+    view = _view(data)
+    request_id = result.meta.request_id
+    placed = _check_layout(result.factors, view.nbytes, request_id)
+    arrays: dict[str, FloatArray | None] = {"u": None, "s": None, "vt": None}
+    for name, a in placed.items():
+        arrays[name] = array = from_buffer(view, a.offset, a.shape, a.dtype)
+        check_finite(array, f"factors.{name}", request_id)
+    return _result(result.meta, arrays, Encoding.BINARY)
+
+
+def to_stored(message: EncodedMessage, ref: ObjectRef) -> EncodedMessage:
+    """A binary request (``encode_request``) whose value was stored as ``ref``, as the version 2
+    JSON request that references it instead of carrying it."""
+    raw = dict(message.headers)[SVD_META]
+    body = orjson.loads(raw)
+    body["schema_version"] = STORED_PAYLOADS_VERSION
+    matrix = body.pop("matrix")
+    matrix["ref"] = ref.model_dump(mode="json")
+    body["matrix"] = matrix  # last, as everywhere
+    meta = validate(SvdRequestJson, body, "request", body.get("request_id"))
+    return encode_stored_request(meta)
 
 
 # ------------------------------------------------------------------------- request id recovery

@@ -29,6 +29,13 @@ class ErrorCode(StrEnum):
     # A record the service could not read from Kafka at all (a batch it cannot decompress, or
     # one whose checksum does not match): nothing of it is left but its offset.
     UNREADABLE_RECORD = "UNREADABLE_RECORD"
+    # A stored payload (schema_version 2's references; docs/wire-format.md, "References"): a
+    # reference to a place the service does not trust is never fetched; the object is missing,
+    # or is not what its reference says (size or sha256); the store could not be reached.
+    UNTRUSTED_REFERENCE = "UNTRUSTED_REFERENCE"
+    OBJECT_NOT_FOUND = "OBJECT_NOT_FOUND"
+    OBJECT_MISMATCH = "OBJECT_MISMATCH"
+    STORE_UNAVAILABLE = "STORE_UNAVAILABLE"
     # Raised by the service after a request was accepted.
     SVD_FAILED = "SVD_FAILED"
     # The input is finite but its factors are not representable in the dtype (a singular value
@@ -43,7 +50,9 @@ class ErrorCode(StrEnum):
 # Retryable means "sending the same request again later may succeed": the failure was about the
 # service's state, not the input. TIMEOUT and WORKER_CRASHED are not: the compute time of a given
 # matrix is roughly fixed, and the service has already retried a crashing task up to its limit.
-RETRYABLE_CODES: frozenset[ErrorCode] = frozenset({ErrorCode.EXPIRED, ErrorCode.INTERNAL})
+RETRYABLE_CODES: frozenset[ErrorCode] = frozenset(
+    {ErrorCode.EXPIRED, ErrorCode.INTERNAL, ErrorCode.STORE_UNAVAILABLE}
+)
 
 
 class SvdServiceError(Exception):

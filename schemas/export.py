@@ -19,6 +19,7 @@ from schemas.models import (
     SvdRequestMeta,
     SvdResultBinaryMeta,
     SvdResultJson,
+    SvdResultStored,
 )
 
 SCHEMA_DIR = Path(__file__).parent / "jsonschema"
@@ -29,6 +30,7 @@ SCHEMAS: dict[str, type[BaseModel]] = {
     "svd-request-meta.json": SvdRequestMeta,
     "svd-result.json": SvdResultJson,
     "svd-result-meta.json": SvdResultBinaryMeta,
+    "svd-result-stored.json": SvdResultStored,
     "error-result.json": ErrorResult,
     "dead-letter-meta.json": DeadLetterMeta,
 }

@@ -34,9 +34,27 @@ class DecodeLimits:
     max_json_keys: int = 4096
     # Size of one header value (svd-meta is the only large one).
     max_header_bytes: int = 64 * KiB
+    # Bytes of U + S + Vt when they go to an object store instead of the record (a version 2
+    # request, to a service with a store); None: no store, max_result_bytes binds every result.
+    max_stored_result_bytes: int | None = None
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
+            if value is None and f.name == "max_stored_result_bytes":
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"DecodeLimits.{f.name} must be a positive integer, got {value!r}")
+
+
+def stores_result(schema_version: int, limits: DecodeLimits) -> bool:
+    """Whether a request's factors may go to the store: it speaks version 2 (references) and
+    the service has a store (``max_stored_result_bytes`` is set)."""
+    return limits.max_stored_result_bytes is not None and schema_version >= 2
+
+
+def result_limit(schema_version: int, limits: DecodeLimits) -> int:
+    """The most bytes a request's factors may take: in a store, or in the answer's record."""
+    if limits.max_stored_result_bytes is not None and schema_version >= 2:
+        return max(limits.max_stored_result_bytes, limits.max_result_bytes)
+    return limits.max_result_bytes

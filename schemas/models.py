@@ -27,8 +27,13 @@ from pydantic_core import PydanticCustomError
 
 from schemas.errors import ErrorCode, SvdServiceError
 
-SCHEMA_VERSION: Final = 1
-SUPPORTED_SCHEMA_VERSIONS: frozenset[int] = frozenset({SCHEMA_VERSION})
+#: The latest version. Version 2 adds references to stored payloads (a request's matrix, a
+#: result's factors: docs/wire-format.md, "References"); everything of version 1 is unchanged in
+#: it. A request is answered in its own version; error results, unchanged, say version 1.
+SCHEMA_VERSION: Final = 2
+STORED_PAYLOADS_VERSION: Final = 2
+ERROR_SCHEMA_VERSION: Final = 1
+SUPPORTED_SCHEMA_VERSIONS: frozenset[int] = frozenset({1, 2})
 
 Dtype: TypeAlias = Literal["float32", "float64"]
 EncodingName: TypeAlias = Literal["json", "binary"]
@@ -88,7 +93,8 @@ _INTEGRAL = BeforeValidator(_integral)
 # unknown keywords ("ge") instead of "minimum".
 Dim = Annotated[int, Field(ge=1), _INTEGRAL]
 NonNegInt = Annotated[int, Field(ge=0), _INTEGRAL]
-SchemaVersion = Annotated[Literal[1], _INTEGRAL]
+SchemaVersion = Annotated[Literal[1, 2], _INTEGRAL]
+ErrorSchemaVersion = Annotated[Literal[1], _INTEGRAL]
 Millis = Annotated[float, Field(ge=0)]
 
 
@@ -309,20 +315,61 @@ class InlineSparseMatrix(SparseMatrixSpec):
         return self
 
 
+# ---------------------------------------------------------------------- stored payloads (v2)
+
+
+class ObjectRef(_Wire):
+    """A payload kept in an object store instead of the Kafka record (the claim check)."""
+
+    url: Annotated[str, Field(min_length=6, max_length=2048, pattern=r"^(s3|file)://[!-~]+$")] = (
+        Field(
+            description="s3://bucket/key or file:///absolute/path. Only locations the reader is "
+            "configured to trust are read (UNTRUSTED_REFERENCE otherwise); the URL names the "
+            "object, never a host to connect to."
+        )
+    )
+    nbytes: NonNegInt = Field(description="The object's exact size in bytes.")
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] = Field(
+        description="SHA-256 of the object's bytes, lower-case hex; verified before use."
+    )
+
+
+class StoredMatrix(MatrixSpec):
+    """A dense input matrix kept in a store: the object holds rows*cols IEEE 754 floats,
+    little-endian, row-major, exactly as the value of a binary request (schema_version 2)."""
+
+    ref: ObjectRef
+
+
+class StoredSparseMatrix(SparseBinaryMatrix):
+    """A sparse input matrix kept in a store: the object holds its arrays at the offsets given,
+    exactly as the value of a binary sparse request (schema_version 2)."""
+
+    model_config = ConfigDict(json_schema_extra=_sparse_arrays_schema)
+
+    ref: ObjectRef
+
+
 def _matrix_kind(value: Any) -> str:
     if isinstance(value, dict):
-        return "sparse" if "format" in value else "dense"
+        kind = "sparse" if "format" in value else "dense"
+        return f"stored-{kind}" if "ref" in value else kind
+    if isinstance(value, StoredMatrix | StoredSparseMatrix):
+        return "stored-sparse" if isinstance(value, SparseMatrixSpec) else "stored-dense"
     return "sparse" if isinstance(value, SparseMatrixSpec) else "dense"
 
 
 # The tags appear in pydantic's error locations; schemas/_validation.py leaves them out.
-MATRIX_TAGS: Final = ("dense", "sparse")
+MATRIX_TAGS: Final = ("dense", "sparse", "stored-dense", "stored-sparse")
 AnyMatrixSpec = Annotated[
     Annotated[MatrixSpec, Tag("dense")] | Annotated[SparseBinaryMatrix, Tag("sparse")],
     Discriminator(_matrix_kind),
 ]
 AnyInlineMatrix = Annotated[
-    Annotated[InlineMatrix, Tag("dense")] | Annotated[InlineSparseMatrix, Tag("sparse")],
+    Annotated[InlineMatrix, Tag("dense")]
+    | Annotated[InlineSparseMatrix, Tag("sparse")]
+    | Annotated[StoredMatrix, Tag("stored-dense")]
+    | Annotated[StoredSparseMatrix, Tag("stored-sparse")],
     Discriminator(_matrix_kind),
 ]
 
@@ -402,9 +449,26 @@ class SvdRequestMeta(_Wire):
 
 
 class SvdRequestJson(SvdRequestMeta):
-    """An SVD request encoded as JSON (content-type application/json): the whole Kafka value."""
+    """An SVD request encoded as JSON (content-type application/json): the whole Kafka value.
+    From schema_version 2 its matrix may be a reference to a stored object instead of data."""
 
     matrix: AnyInlineMatrix
+
+    @model_validator(mode="after")
+    def _stored_needs_v2(self) -> SvdRequestJson:
+        if self.stored is not None and self.schema_version < STORED_PAYLOADS_VERSION:
+            raise PydanticCustomError(
+                "stored_version",
+                "matrix.ref needs schema_version {v}",
+                {"v": STORED_PAYLOADS_VERSION},
+            )
+        return self
+
+    @property
+    def stored(self) -> ObjectRef | None:
+        return (
+            self.matrix.ref if isinstance(self.matrix, StoredMatrix | StoredSparseMatrix) else None
+        )
 
 
 # ------------------------------------------------------------------------------------ result
@@ -504,6 +568,24 @@ class SvdResultJson(SvdResultMeta):
     factors: InlineFactors
 
 
+class SvdResultStored(SvdResultMeta):
+    """A successful result whose factors are kept in a store (schema_version 2; JSON). The object
+    holds the factors' bytes as the value of a binary result does: at each factor's offset,
+    little-endian, row-major."""
+
+    factors: BinaryFactors
+    factors_ref: ObjectRef
+
+    @model_validator(mode="after")
+    def _stored_needs_v2(self) -> SvdResultStored:
+        if self.schema_version < STORED_PAYLOADS_VERSION:
+            raise PydanticCustomError(
+                "stored_version", "factors_ref needs schema_version {v}",
+                {"v": STORED_PAYLOADS_VERSION},
+            )  # fmt: skip
+        return self
+
+
 class SvdResultSpec(SvdResultMeta):
     """A JSON result with the data arrays taken out (what the decoder validates)."""
 
@@ -518,7 +600,8 @@ class ErrorResult(_Wire):
 
     model_config = ConfigDict(json_schema_extra=_also_required("schema_version", "status"))
 
-    schema_version: SchemaVersion = SCHEMA_VERSION
+    # Unchanged since version 1, so every reader reads it: always 1.
+    schema_version: ErrorSchemaVersion = ERROR_SCHEMA_VERSION
     request_id: RequestId | None = Field(
         description="null when it could not be recovered from the request."
     )
@@ -557,7 +640,7 @@ class DeadLetterMeta(_Wire):
 
     model_config = ConfigDict(json_schema_extra=_also_required("schema_version"))
 
-    schema_version: SchemaVersion = SCHEMA_VERSION
+    schema_version: ErrorSchemaVersion = ERROR_SCHEMA_VERSION
     code: ErrorCode = Field(strict=False)
     reason: Message
     source_topic: TopicName

@@ -39,11 +39,10 @@ from schemas._validation import (
 )
 from schemas.errors import ContractError, ErrorCode
 from schemas.headers import CONTENT_TYPE, CONTENT_TYPES, SVD_META, SVD_SCHEMA_VERSION, Encoding
-from schemas.limits import DecodeLimits
+from schemas.limits import DecodeLimits, result_limit
 from schemas.models import (
     INDEX_ITEMSIZE,
     ITEMSIZE,
-    SCHEMA_VERSION,
     SPARSE_INDEX_ARRAYS,
     ByteRange,
     IndexDtype,
@@ -64,7 +63,6 @@ __all__ = [
 
 IntArray: TypeAlias = npt.NDArray[np.integer[Any]]
 
-_VERSION_HEADER = (SVD_SCHEMA_VERSION, str(SCHEMA_VERSION).encode())
 INDEX_WIRE_DTYPES: dict[str, np.dtype[Any]] = {"int32": np.dtype("<i4"), "int64": np.dtype("<i8")}
 _ARRAY_FIELDS: Final = ("data", "indices", "indptr", "row", "col")
 _INT32_MAX: Final = 2**31 - 1
@@ -241,6 +239,15 @@ def decode_json(obj: dict[str, Any], limits: DecodeLimits) -> tuple[SvdRequestMe
     return meta, sparse
 
 
+def check_stored(meta: SvdRequestMeta, nbytes: int, limits: DecodeLimits) -> None:
+    """A stored sparse matrix's limits and layout against its object's size, before fetching."""
+    spec = meta.matrix
+    if not isinstance(spec, SparseBinaryMatrix):  # the discriminator guarantees it
+        raise ContractError(ErrorCode.INVALID_SCHEMA, "matrix is not a stored sparse matrix")
+    _check_limits(meta, spec, spec.nnz, spec.index_dtype, limits)
+    _check_layout(spec, nbytes, meta.request_id)
+
+
 def decode_binary(
     view: memoryview, obj: dict[str, Any], limits: DecodeLimits
 ) -> tuple[SvdRequestMeta, SparseMatrix]:
@@ -335,7 +342,7 @@ def _check_limits(
         ("cols", cols, limits.max_cols),
         ("nnz", nnz, limits.max_nnz),
         ("matrix bytes", matrix_bytes, limits.max_matrix_bytes),
-        ("result bytes", meta.result_nbytes(), limits.max_result_bytes),
+        ("result bytes", meta.result_nbytes(), result_limit(meta.schema_version, limits)),
     )
     for name, actual, limit in checks:
         if actual > limit:
@@ -489,7 +496,8 @@ def encode_request(
         raise ValueError(f"meta.matrix {meta.matrix} does not describe the sparse matrix given")
     _check_sparse(wire, meta.request_id)
     body = meta.model_dump(mode="json", exclude_none=True)
-    headers = [(CONTENT_TYPE, CONTENT_TYPES[encoding].encode()), _VERSION_HEADER]
+    version = (SVD_SCHEMA_VERSION, str(meta.schema_version).encode())
+    headers = [(CONTENT_TYPE, CONTENT_TYPES[encoding].encode()), version]
     arrays = wire.arrays()
     if encoding is Encoding.JSON:
         inline: dict[str, Any] = {k: body["matrix"][k] for k in ("format", "shape", "dtype")}

@@ -265,9 +265,9 @@ def test_other_numbers_stay_rejected(field: str, number: Any, code: ErrorCode) -
         (None, ErrorCode.INVALID_SCHEMA, "value: schema_version must be an integer, got null"),
         ([1], ErrorCode.INVALID_SCHEMA, "value: schema_version must be an integer, got an array"),
         (
-            2.0,
+            3.0,
             ErrorCode.UNSUPPORTED_SCHEMA_VERSION,
-            "value: schema_version 2.0 is not supported; supported: [1]",
+            "value: schema_version 3.0 is not supported; supported: [1, 2]",
         ),
     ],
 )

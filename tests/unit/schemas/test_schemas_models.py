@@ -75,7 +75,7 @@ def test_error_result_from_exception_truncates_and_keeps_retryability() -> None:
 
 
 def test_retryable_defaults_come_from_the_code_and_can_be_overridden() -> None:
-    assert {ErrorCode.EXPIRED, ErrorCode.INTERNAL} == RETRYABLE_CODES
+    assert {ErrorCode.EXPIRED, ErrorCode.INTERNAL, ErrorCode.STORE_UNAVAILABLE} == RETRYABLE_CODES
     assert ContractError(ErrorCode.INVALID_SCHEMA, "m").retryable is False
     assert SvdServiceError(ErrorCode.TIMEOUT, "m", retryable=True).retryable is True
     assert str(ContractError(ErrorCode.NON_FINITE, "nan at 0")) == "NON_FINITE: nan at 0"

@@ -280,9 +280,9 @@ CASES: dict[str, tuple[Message, ErrorCode]] = {
         ErrorCode.UNSUPPORTED_DTYPE,
     ),
     # --- schema version
-    "schema_version 2": (json_request(schema_version=2), ErrorCode.UNSUPPORTED_SCHEMA_VERSION),
+    "schema_version 3": (json_request(schema_version=3), ErrorCode.UNSUPPORTED_SCHEMA_VERSION),
     "schema_version 0": (json_request(schema_version=0), ErrorCode.UNSUPPORTED_SCHEMA_VERSION),
-    "schema_version 2.0": (json_request(schema_version=2.0), ErrorCode.UNSUPPORTED_SCHEMA_VERSION),
+    "schema_version 3.0": (json_request(schema_version=3.0), ErrorCode.UNSUPPORTED_SCHEMA_VERSION),
     "schema_version 1.5": (json_request(schema_version=1.5), ErrorCode.UNSUPPORTED_SCHEMA_VERSION),
     "schema_version 1e300": (
         json_request(schema_version=1e300),
@@ -296,16 +296,16 @@ CASES: dict[str, tuple[Message, ErrorCode]] = {
         (orjson.dumps({k: v for k, v in request_obj().items() if k != "schema_version"}), JSON),
         ErrorCode.INVALID_SCHEMA,
     ),
-    "schema-version header 2": (
-        (json_request()[0], [*JSON, ("svd-schema-version", b"2")]),
+    "schema-version header 3": (
+        (json_request()[0], [*JSON, ("svd-schema-version", b"3")]),
         ErrorCode.UNSUPPORTED_SCHEMA_VERSION,
     ),
     "schema-version header of 5000 digits": (
         (json_request()[0], [*JSON, ("svd-schema-version", b"1" * 5000)]),
         ErrorCode.UNSUPPORTED_SCHEMA_VERSION,
     ),
-    "schema-version header 2.0": (
-        (json_request()[0], [*JSON, ("svd-schema-version", b"2.0")]),
+    "schema-version header 3.0": (
+        (json_request()[0], [*JSON, ("svd-schema-version", b"3.0")]),
         ErrorCode.UNSUPPORTED_SCHEMA_VERSION,
     ),
     "schema-version header not a number": (
@@ -470,8 +470,8 @@ REPLY_CASES: dict[str, tuple[Message, ErrorCode]] = {
         ),
         ErrorCode.INVALID_SCHEMA,
     ),
-    "reply of version 2": (
-        (b'{"schema_version":2,"request_id":"r","status":"ok"}', JSON),
+    "reply of version 3": (
+        (b'{"schema_version":3,"request_id":"r","status":"ok"}', JSON),
         ErrorCode.UNSUPPORTED_SCHEMA_VERSION,
     ),
 }
