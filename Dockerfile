@@ -17,7 +17,9 @@ COPY pyproject.toml README.md ./
 COPY schemas/ schemas/
 COPY consumer/ consumer/
 COPY producer_sdk/ producer_sdk/
+COPY objectstore/ objectstore/
 COPY localkafka/ localkafka/
+COPY localstore/ localstore/
 COPY demo/ demo/
 COPY bench/ bench/
 RUN pip install . && rm -rf /opt/svd/build

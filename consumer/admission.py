@@ -8,7 +8,10 @@ answers ``NeedsRoom`` before computing, and the request is charged again (``Tick
 
 What a request holds while in flight, and so its price: the record's value (held for a dead
 letter), its copy in shared memory, the room for its encoded answer there, and the producer's
-copy of the answer until the broker acknowledges it.
+copy of the answer until the broker acknowledges it; for stored payloads (schema_version 2),
+also the referenced matrix a worker reads and the factors it writes to the store, priced from
+the reference's declared size before anything is fetched. A JSON value small enough to be a
+reference (``_STORED_REQUEST_MAX_BYTES``) is parsed here to find it: microseconds.
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ PARENT_FAULT = "parent_raise"
 _JSON_ANSWER_PER_VALUE_BYTE = 3
 # Room for an answer that is an error, or whose size the header does not tell.
 _SMALL_ANSWER_BYTES = 4096
+# A JSON request at most this large is parsed to price a stored matrix it references (one that
+# carries its matrix inline is as cheap to parse at this size).
+_STORED_REQUEST_MAX_BYTES = 64 * 1024
 
 
 @dataclass(eq=False)
@@ -53,10 +59,15 @@ class Ticket:
     fault: str | None = None
     unreadable: str | None = None  # why, for a record aiokafka could not read
     sparse: bool = False  # a binary request's header names a sparse format
+    stored_bytes: int = 0  # the referenced matrix and the factors written to the store
     cost: int = field(init=False)
 
     def __post_init__(self) -> None:
-        self.cost = 0 if self.unreadable is not None else _cost(self.value_bytes, self.answer_bytes)
+        self.cost = (
+            0
+            if self.unreadable is not None
+            else _cost(self.value_bytes, self.answer_bytes, self.stored_bytes)
+        )
 
     @property
     def value_bytes(self) -> int:
@@ -77,14 +88,19 @@ class Ticket:
         request that holds budget and waits for more could wait on every other one."""
         old = self.cost
         self.answer_bytes = answer_bytes
-        self.cost = _cost(self.value_bytes, answer_bytes)
+        self.cost = _cost(self.value_bytes, answer_bytes, self.stored_bytes)
         inflight.resize(old, self.cost)
 
 
 def price(
-    record: ConsumerRecord[bytes, bytes], limits: DecodeLimits, *, test_faults: bool = False
+    record: ConsumerRecord[bytes, bytes],
+    limits: DecodeLimits,
+    *,
+    test_faults: bool = False,
+    store_results_above: int | None = None,
 ) -> Ticket:
-    """The ticket for ``record``: O(1) in its matrix, whatever the bytes hold."""
+    """The ticket for ``record``: O(1) in its matrix, whatever the bytes hold.
+    ``store_results_above``: the service's store threshold for factors (None: no store)."""
     received_at = time.time()
     if isinstance(record, UnreadableRecord):
         return Ticket(record, 0, received_at, unreadable=record.reason)
@@ -92,22 +108,63 @@ def price(
     fault = _fault(headers) if test_faults else None
     value_bytes = len(record.value or b"")
     meta = _binary_meta(headers, limits)
+    stored_in = 0
+    if meta is None:
+        meta = _stored_meta(record.value, headers, limits)
+        stored_in = _stored_request_bytes(meta)
     if meta is None:
         answer = min(_JSON_ANSWER_PER_VALUE_BYTE * value_bytes, limits.max_result_bytes)
-        request_id, sparse = None, False
+        request_id, sparse, stored_out = None, False, 0
     else:
-        answer = _result_bytes(meta, value_bytes)
-        if answer > limits.max_result_bytes:  # refused by the worker before using any room
-            answer = 0
+        in_value = None if stored_in else value_bytes
+        factors = _result_bytes(meta, in_value, Encoding.BINARY)
+        stored_out = 0
+        if store_results_above is not None and _speaks_v2(meta) and factors > store_results_above:
+            answer, stored_out = codec.STORED_RESULT_ROOM, factors
+        else:
+            # A stored request is JSON: its answer is too, unless it asks otherwise.
+            answer = _result_bytes(meta, in_value, Encoding.JSON if stored_in else Encoding.BINARY)
+            if answer > limits.max_result_bytes:  # refused by the worker before using any room
+                answer = 0
         found = meta.get("request_id")
         request_id = found if is_valid_request_id(found) else None
         sparse = type(meta.get("matrix")) is dict and "format" in meta["matrix"]
     answer = max(answer, _SMALL_ANSWER_BYTES)
-    return Ticket(record, answer, received_at, request_id=request_id, fault=fault, sparse=sparse)
+    return Ticket(
+        record, answer, received_at, request_id=request_id, fault=fault, sparse=sparse,
+        stored_bytes=stored_in + stored_out,
+    )  # fmt: skip
 
 
-def _cost(value_bytes: int, answer_bytes: int) -> int:
-    return 2 * value_bytes + 2 * answer_bytes
+def _cost(value_bytes: int, answer_bytes: int, stored_bytes: int = 0) -> int:
+    return 2 * value_bytes + 2 * answer_bytes + stored_bytes
+
+
+def _stored_meta(
+    value: bytes | None, headers: list[tuple[str, bytes]], limits: DecodeLimits
+) -> dict[str, Any] | None:
+    """A small JSON request that references a stored matrix, parsed; None for anything else."""
+    if value is None or len(value) > _STORED_REQUEST_MAX_BYTES:
+        return None
+    try:
+        if encoding_of(headers, max_bytes=limits.max_header_bytes) is not Encoding.JSON:
+            return None
+        meta = orjson.loads(value)
+    except (ContractError, orjson.JSONDecodeError):
+        return None
+    if type(meta) is not dict or type(meta.get("matrix")) is not dict:
+        return None
+    return meta if "ref" in meta["matrix"] else None
+
+
+def _stored_request_bytes(meta: dict[str, Any] | None) -> int:
+    ref = meta["matrix"].get("ref") if meta is not None else None
+    nbytes = ref.get("nbytes") if type(ref) is dict else None
+    return nbytes if _count(nbytes) else 0  # type: ignore[return-value]
+
+
+def _speaks_v2(meta: dict[str, Any]) -> bool:
+    return meta.get("schema_version") == 2
 
 
 def _binary_meta(headers: list[tuple[str, bytes]], limits: DecodeLimits) -> dict[str, Any] | None:
@@ -123,9 +180,10 @@ def _binary_meta(headers: list[tuple[str, bytes]], limits: DecodeLimits) -> dict
     return meta if type(meta) is dict else None
 
 
-def _result_bytes(meta: dict[str, Any], value_bytes: int) -> int:
-    """The result's size from a binary request's header; 0 where the header does not say, or
-    says what the value cannot be (the worker refuses such a request before using any room)."""
+def _result_bytes(meta: dict[str, Any], value_bytes: int | None, default: Encoding) -> int:
+    """The result's size from a binary request's header (or a stored request); 0 where it does
+    not say, or says what the value cannot be (the worker refuses such a request before using
+    any room). ``value_bytes`` None: the matrix is stored, not in the value."""
     matrix = meta.get("matrix")
     options = meta.get("options") or {}
     if type(matrix) is not dict or type(options) is not dict:
@@ -134,7 +192,7 @@ def _result_bytes(meta: dict[str, Any], value_bytes: int) -> int:
     if type(shape) is not list or len(shape) != 2 or not all(_count(d) for d in shape):
         return 0
     dense_bytes = shape[0] * shape[1] * (4 if matrix.get("dtype") == "float32" else 8)
-    if "format" not in matrix and dense_bytes != value_bytes:
+    if "format" not in matrix and value_bytes is not None and dense_bytes != value_bytes:
         return 0  # SHAPE_MISMATCH
     return codec.result_bytes(
         shape,
@@ -142,7 +200,9 @@ def _result_bytes(meta: dict[str, Any], value_bytes: int) -> int:
         full_matrices=options.get("full_matrices") is True,
         compute_uv=options.get("compute_uv") is not False,
         itemsize=4 if (options.get("dtype") or matrix.get("dtype")) == "float32" else 8,
-        encoding=Encoding.JSON if meta.get("result_encoding") == "json" else Encoding.BINARY,
+        encoding=Encoding(meta["result_encoding"])
+        if meta.get("result_encoding") in ("json", "binary")
+        else default,
     )
 
 

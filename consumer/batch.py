@@ -138,6 +138,7 @@ class Batcher:
             self._max_items > 1
             and record.fault is None
             and not record.sparse
+            and not record.stored_bytes  # fetched and computed at length: alone
             and len(record.value) <= self._item_max_bytes
             and record.answer_bytes <= 4 * self._item_max_bytes
         )

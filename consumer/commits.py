@@ -14,6 +14,7 @@ import logging
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from consumer.claims import Claims
 from consumer.lag import BrokerContact
 from consumer.offsets import OffsetTracker
 
@@ -28,11 +29,13 @@ class Committer:
         broker: BrokerContact,
         *,
         transactional: bool,
+        claims: Claims | None = None,
     ) -> None:
         self._consumer = consumer
         self._offsets = offsets
         self._broker = broker
         self._transactional = transactional
+        self._claims = claims
 
     async def commit(self, tps: set[TopicPartition] | None = None) -> None:
         """Commit the positions that moved, of ``tps`` or of every owned partition.
@@ -52,6 +55,13 @@ class Committer:
             return
         self._broker.ok()
         self._offsets.committed(offsets)
+        if self._claims is not None:
+            self._claims.committed(offsets)
+
+    def let_go(self, tps: set[TopicPartition]) -> None:
+        """Revoked: what was not committed is its next owner's to answer and clean up."""
+        if self._claims is not None:
+            self._claims.forget(tps)
 
     async def every(self, interval_s: float) -> None:
         while True:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 
 from consumer.admission import PARENT_FAULT, Ticket
 from consumer.batch import Batcher, BatchFailed, Delivery, run_job
@@ -38,6 +39,9 @@ def limits_from(settings: ConsumerSettings) -> DecodeLimits:
         max_message_bytes=settings.max_message_bytes,
         # Refuse up front a request whose factors could not be published (headers need room).
         max_result_bytes=settings.max_message_bytes - 64 * 1024,
+        max_stored_result_bytes=settings.max_stored_result_bytes
+        if settings.store.enabled
+        else None,
     )
 
 
@@ -56,7 +60,12 @@ class Dispatcher:
             limits=limits_from(settings),
             instance_id=settings.instance_id,
             host=socket.gethostname(),
+            store=settings.store if settings.store.enabled else None,
+            store_results_above=settings.store_results_above_bytes,
         )
+        # An unreachable store is waited for (store_outage_s), not counted against the
+        # request's attempts: it says nothing about the request.
+        self._store_backoff = Backoff(settings.retry_backoff_s, max_s=5.0)
         # Idle segments for the next jobs: a few per worker, as a batch is read back while the
         # next is prepared and request sizes vary.
         self.segments = SegmentCache(settings.shm_cache_bytes, max_segments=4 * pool.size)
@@ -79,6 +88,8 @@ class Dispatcher:
             raise RuntimeError(f"injected fault: {PARENT_FAULT}")
         attempts = self._settings.max_attempts
         attempt = 1
+        store_failures = 0
+        store_since: float | None = None
         while True:
             why: object
             try:
@@ -110,6 +121,16 @@ class Dispatcher:
                         return self._refused(ticket, ErrorCode.INTERNAL, message), attempt
                     ticket.reprice(outcome.answer_bytes, self._inflight)
                     continue
+                if isinstance(outcome, Refused) and outcome.code == ErrorCode.STORE_UNAVAILABLE:
+                    now = time.monotonic()
+                    store_since = now if store_since is None else store_since
+                    if now - store_since < self._settings.store_outage_s:
+                        delivery.release()
+                        store_failures += 1
+                        await self._wait_for_store(ticket, store_failures, outcome.message)
+                        continue
+                    self._observe(delivery)
+                    return delivery, attempt
                 if not (isinstance(outcome, Refused) and outcome.again and attempt < attempts):
                     self._observe(delivery)
                     return delivery, attempt
@@ -126,6 +147,8 @@ class Dispatcher:
             answer_bytes=ticket.answer_bytes,
             fault=ticket.fault,
             sparse=ticket.sparse,
+            stored_bytes=ticket.stored_bytes,
+            origin=f"{ticket.record.topic}/{ticket.record.partition}/{ticket.record.offset}",
         )
         if attempt == 1 and self._batcher.accepts(record):
             try:
@@ -168,6 +191,17 @@ class Dispatcher:
             return
         self._metrics.queue_wait.observe(outcome.queue_wait_ms / 1000)
         self._metrics.compute.observe(outcome.compute_ms / 1000)
+
+    async def _wait_for_store(self, ticket: Ticket, failures: int, why: str) -> None:
+        delay = self._store_backoff.delay(failures)
+        self._metrics.retried.inc()
+        # Once per outage and then every tenth try, not at every retry of every request.
+        log_at = logging.WARNING if failures == 1 or failures % 10 == 0 else logging.DEBUG
+        log.log(
+            log_at, "the object store failed (%s); retrying in %.2fs (try %d, for up to %gs)",
+            why, delay, failures, self._settings.store_outage_s, extra=ticket.context,
+        )  # fmt: skip
+        await asyncio.sleep(delay)
 
     async def _retry(self, ticket: Ticket, attempt: int, why: object) -> None:
         delay = self._backoff.delay(attempt)

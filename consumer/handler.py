@@ -18,6 +18,7 @@ from aiokafka.structs import ConsumerRecord
 
 from consumer.admission import Ticket
 from consumer.batch import Delivery
+from consumer.claims import Claims
 from consumer.dispatch import Dispatcher
 from consumer.jobs import Answered, Refused
 from consumer.metrics import Metrics
@@ -78,8 +79,10 @@ class RequestHandler:
         outbox: TransactionalOutbox | None = None,
         reply_topics: ReplyTopics | None = None,
         topic_limits: Mapping[str, int] | None = None,
+        claims: Claims | None = None,
     ) -> None:
         self._settings = settings
+        self._claims = claims if settings.delete_request_objects else None
         self._topic_limits = dict(topic_limits or {})  # consumer/topic_limits.py
         self._dispatcher = dispatcher
         self._publisher = publisher
@@ -105,7 +108,9 @@ class RequestHandler:
                 outcome, delivery, computed = await self._compute(ticket)
                 reply_to, problem = await self._destination(outcome)
                 answer = self._answer(ticket, outcome, delivery, computed, reply_to, problem)
-                await self._deliver(ticket, ledger, answer)
+                delivered = await self._deliver(ticket, ledger, answer)
+                if delivered and answer.ok and isinstance(outcome, Answered):
+                    self._stored(ticket, outcome)
             except Exception as exc:
                 self._metrics.unexpected_failures.inc()
                 if attempt == attempts:
@@ -185,11 +190,29 @@ class RequestHandler:
             else:
                 ledger.finish(ticket.record.offset)
 
-    async def _deliver(self, ticket: Ticket, ledger: PartitionLedger, answer: Answer) -> None:
-        if self._outbox is not None:
-            await self._deliver_in_transaction(ticket, ledger, answer, self._outbox)
+    def _stored(self, ticket: Ticket, outcome: Answered) -> None:
+        """Count stored payloads; release the request's object once its answer is final."""
+        if outcome.result_object is not None:
+            self._metrics.stored_results.inc()
+        if outcome.request_object is None:
+            return
+        self._metrics.stored_requests.inc()
+        if self._claims is None:
+            return
+        record = ticket.record
+        if self._outbox is not None:  # the transaction committed the answer and the offset
+            self._claims.delete(outcome.request_object)
         else:
-            await self._deliver_at_least_once(ticket, ledger, answer)
+            tp = TopicPartition(record.topic, record.partition)
+            self._claims.answered(tp, record.offset, outcome.request_object)
+
+    async def _deliver(self, ticket: Ticket, ledger: PartitionLedger, answer: Answer) -> bool:
+        """Publish the answer and move the offset on; False if this instance may not (it lost
+        the partition: its next owner answers)."""
+        if self._outbox is not None:
+            return await self._deliver_in_transaction(ticket, ledger, answer, self._outbox)
+        await self._deliver_at_least_once(ticket, ledger, answer)
+        return True
 
     async def _deliver_at_least_once(
         self, ticket: Ticket, ledger: PartitionLedger, answer: Answer
@@ -265,7 +288,7 @@ class RequestHandler:
         ledger: PartitionLedger,
         answer: Answer,
         outbox: TransactionalOutbox,
-    ) -> None:
+    ) -> bool:
         """Exactly-once: the answer and the offset past it commit in one transaction."""
         record = ticket.record
         # A message the broker refuses would abort the whole transaction: check sizes first,
@@ -302,11 +325,12 @@ class RequestHandler:
                 exc,
                 extra=ticket.context,
             )
-            return
+            return False
         if answer.ok:
             self._metrics.succeeded.inc()
         if answer.dead_letter is not None and dead_letter is not None:
             self._count_dead_letter(answer.dead_letter, dead_letter)
+        return True
 
     async def _destination(self, outcome: Answered | Refused) -> tuple[str, str | None]:
         """Where the request's answers go, and why not its own reply topic if that is refused.

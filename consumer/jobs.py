@@ -24,6 +24,7 @@ from types import TracebackType
 from typing import Self
 
 from consumer.shm import ArraySpec, BlockDescriptor, SegmentCache, ShmBlock
+from objectstore.settings import StoreSettings
 from schemas.limits import DecodeLimits
 
 #: Test-only faults a job item may carry; the consumer sets them only when its settings enable
@@ -45,6 +46,10 @@ class WorkerContext:
     limits: DecodeLimits
     instance_id: str
     host: str
+    # The object store of stored payloads (None: none configured), and the size above which a
+    # version 2 request's factors go there instead of into its answer's record.
+    store: StoreSettings | None = None
+    store_results_above: int = 0
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,7 @@ class JobItem:
     answer: int  # room for the encoded answer's value
     timestamp_ms: int  # the record's timestamp, -1 if it has none
     fault: str | None = None
+    origin: str = ""  # "topic/partition/offset": names the record's stored result
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,10 @@ class Answered:
     headers: tuple[tuple[str, bytes], ...]
     compute_ms: float
     queue_wait_ms: float
+    # The stored request's object, deleted once this answer is acknowledged; the stored
+    # factors' object, for the log.
+    request_object: str | None = None
+    result_object: str | None = None
 
 
 @dataclass(frozen=True)
@@ -191,6 +201,8 @@ class Record:
     answer_bytes: int  # room reserved for the answer's value
     fault: str | None = None
     sparse: bool = False  # known sparse (from a binary request's header)
+    stored_bytes: int = 0  # payload bytes the worker reads from and writes to the store
+    origin: str = ""  # "topic/partition/offset"
 
 
 class PreparedJob:
@@ -262,7 +274,7 @@ def prepare_job(
             ArraySpec.raw(record.answer_bytes),
         ]
         stamp = -1 if record.timestamp_ms is None else record.timestamp_ms
-        items.append(JobItem(first, first + 1, first + 2, stamp, record.fault))
+        items.append(JobItem(first, first + 1, first + 2, stamp, record.fault, record.origin))
     block = ShmBlock(specs, cache)
     try:
         for record, headers, item in zip(records, packed, items, strict=True):

@@ -53,6 +53,22 @@ class Metrics:
             "Dead letters written cut down: the original did not fit the dead-letter topic",
             registry=r,
         )
+        self.stored_requests = Counter(
+            "svd_stored_requests",
+            "Requests answered whose matrix was read from the object store",
+            registry=r,
+        )
+        self.stored_results = Counter(
+            "svd_stored_results",
+            "Results whose factors were written to the object store",
+            registry=r,
+        )
+        self.store_deletes = Counter(
+            "svd_store_deletes",
+            "Answered requests' objects deleted from the store, or that could not be",
+            ["outcome"],
+            registry=r,
+        )
         self.dead_letters_refused = Counter(
             "svd_dead_letters_refused",
             "Dead letters the broker refused even cut down (the offset moved on without one)",

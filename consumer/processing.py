@@ -12,8 +12,10 @@ only a crash or a hang of the worker itself is left to the parent.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,9 +26,11 @@ import scipy.sparse
 from consumer import compute
 from consumer.jobs import Answered, Header, NeedsRoom, Refused, WorkerContext
 from consumer.truncated import seed_from
+from objectstore import PayloadStore, StoreError, UntrustedLocation
 from schemas import codec
 from schemas.errors import ContractError, ErrorCode, SvdServiceError
-from schemas.models import ITEMSIZE, SvdRequestMeta, SvdResultMeta
+from schemas.limits import stores_result
+from schemas.models import ITEMSIZE, ObjectRef, SvdRequestMeta, SvdResultMeta
 from schemas.sparse import SparseMatrix
 
 # Stacked only up to this size: above it one LAPACK call per matrix costs far more than the
@@ -43,6 +47,7 @@ class Item:
     out: memoryview
     timestamp_ms: int | None = None
     before_compute: Callable[[], None] | None = None  # test faults
+    origin: str = ""  # "topic/partition/offset" of the record
 
 
 @dataclass(slots=True)
@@ -55,6 +60,8 @@ class _Decoded:
     a: Any  # the matrix in the compute dtype
     created: float  # epoch s
     created_ms: int | None
+    store_result: bool = False  # the factors go to the store, the answer references them
+    request_object: str | None = None  # the stored request's URL
     started: float = 0.0
     factors: compute.SvdFactors | None = None
     compute_ms: float = 0.0
@@ -103,7 +110,8 @@ def _decode(
     except ContractError as err:
         return _refused(err, value, headers, meta=meta, created_at_ms=None, computed=False)
     encoding = request.reply_encoding
-    room = codec.result_room(meta, encoding)
+    store_result = _stores_result(meta, context)
+    room = codec.STORED_RESULT_ROOM if store_result else codec.result_room(meta, encoding)
     if room > item.out.nbytes:
         return NeedsRoom(room)
     created_ms = meta.created_at_ms if meta.created_at_ms is not None else item.timestamp_ms
@@ -115,8 +123,55 @@ def _decode(
         return _refused(
             expired, value, headers, meta=meta, created_at_ms=created_ms, computed=False
         )
+    ref = request.stored
+    if ref is not None:
+        # Read straight into this process's memory, verified, then checked as a binary value.
+        try:
+            data = _store(context).read(ref.url, ref.nbytes, ref.sha256, meta.request_id)
+            request = codec.load_stored_request(request, data, context.limits)
+            codec.check_answerable(request, context.limits)
+        except ContractError as err:
+            return _refused(err, value, headers, meta=meta, created_at_ms=created_ms,
+                            computed=False, again=err.code is ErrorCode.STORE_UNAVAILABLE)  # fmt: skip
     a = _compute_input(request.matrix, meta.compute_dtype)
-    return _Decoded(item, meta, encoding, a, created, created_ms)
+    return _Decoded(
+        item, meta, encoding, a, created, created_ms, store_result=store_result,
+        request_object=None if ref is None else ref.url,
+    )  # fmt: skip
+
+
+def _stores_result(meta: SvdRequestMeta, context: WorkerContext) -> bool:
+    """The factors go to the store: the request reads version 2, the service has a store, and
+    they are larger than the setting says a record should carry."""
+    return (
+        context.store is not None
+        and stores_result(meta.schema_version, context.limits)
+        and meta.result_nbytes() > context.store_results_above
+    )
+
+
+_stores: dict[str, PayloadStore] = {}
+
+
+def _store(context: WorkerContext) -> PayloadStore:
+    """This process's client of the configured store, made once (it keeps its connections)."""
+    settings = context.store
+    if settings is None:
+        raise UntrustedLocation(
+            "this service has no object store configured: it reads no references"
+        )
+    key = settings.model_dump_json()
+    store = _stores.get(key)
+    if store is None:
+        store = _stores[key] = PayloadStore(settings)
+    return store
+
+
+def _result_key(meta: SvdRequestMeta, origin: str) -> str:
+    # One key per record: computing the same record again (a retry, a redelivery) overwrites its
+    # object instead of leaving another behind.
+    tag = hashlib.sha256(meta.request_id.encode()).hexdigest()[:16]
+    return f"results/{origin}-{tag}" if origin else f"results/{tag}-{uuid.uuid4().hex}"
 
 
 def _stackable(ready: list[_Decoded]) -> list[list[_Decoded]]:
@@ -187,6 +242,7 @@ def _finish(d: _Decoded, context: WorkerContext) -> Answered | Refused:
                         computed=True, again=isinstance(exc, MemoryError))  # fmt: skip
     result = SvdResultMeta.model_validate(
         {
+            "schema_version": meta.schema_version,  # answered in the request's own version
             "request_id": meta.request_id,
             "timings": {
                 "queue_wait_ms": max(0.0, d.started - d.created) * 1000,
@@ -210,10 +266,18 @@ def _finish(d: _Decoded, context: WorkerContext) -> Answered | Refused:
             "traceparent": meta.traceparent,
         }
     )
+    result_object = None
     try:
-        size, result_headers = codec.write_result(
-            result, factors.u, factors.s, factors.vt, d.encoding, item.out
-        )
+        if d.store_result:
+            size, result_headers, result_object = _write_stored(d, result, factors, context)
+        else:
+            size, result_headers = codec.write_result(
+                result, factors.u, factors.s, factors.vt, d.encoding, item.out
+            )
+    except StoreError as store_err:
+        again = store_err.code is ErrorCode.STORE_UNAVAILABLE
+        return _refused(store_err, item.value, item.headers, meta=meta,
+                        created_at_ms=d.created_ms, computed=True, again=again)  # fmt: skip
     except ContractError as exc:
         if exc.code is not ErrorCode.NON_FINITE:
             raise
@@ -230,7 +294,23 @@ def _finish(d: _Decoded, context: WorkerContext) -> Answered | Refused:
         headers=tuple(result_headers),
         compute_ms=d.compute_ms,
         queue_wait_ms=max(0.0, d.started - d.created) * 1000,
+        request_object=d.request_object,
+        result_object=result_object,
     )
+
+
+def _write_stored(
+    d: _Decoded, result: SvdResultMeta, factors: compute.SvdFactors, context: WorkerContext
+) -> tuple[int, list[tuple[str, bytes]], str]:
+    """The factors written to the store, straight from this process's memory (a copy only where
+    they are not little-endian row-major), and the answer that references them."""
+    wire = codec.stored_factors(factors.u, factors.s, factors.vt)
+    stored = _store(context).write(
+        _result_key(d.meta, d.item.origin), [a.data for a in wire.values()]
+    )
+    ref = ObjectRef(url=stored.url, nbytes=stored.nbytes, sha256=stored.sha256)
+    size, headers = codec.write_stored_result(result, wire, ref, d.item.out)
+    return size, headers, stored.url
 
 
 def _compute_input(matrix: Any, dtype: str) -> Any:

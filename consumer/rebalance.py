@@ -112,6 +112,7 @@ class Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
             await self._outbox.close(revoked)
         else:
             await self._committer.commit(revoked)
+            self._committer.let_go(revoked)
         self._offsets.revoke(revoked)
         self._lag.forget(revoked)
         log.info("revoked %s", sorted(f"{tp.topic}-{tp.partition}" for tp in revoked))

@@ -23,6 +23,7 @@ from aiokafka.structs import ConsumerRecord
 
 from consumer import admission, allocator
 from consumer.admission import Ticket
+from consumer.claims import Claims
 from consumer.commits import Committer
 from consumer.cpu import available_cpus, blas_threads_per_worker
 from consumer.dispatch import Dispatcher, limits_from
@@ -42,6 +43,7 @@ from consumer.tasks import TaskSet
 from consumer.topic_limits import read_topic_limits
 from consumer.transactions import TransactionalOutbox
 from consumer.unreadable import UNREADABLE_ERRORS, UnreadableReader
+from objectstore import PayloadStore
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +85,18 @@ class SvdService:
         self.broker = BrokerContact(settings.ready_broker_window_s)
         self._outbox: TransactionalOutbox | None = None
         self._limits = limits_from(settings)
+        self._store_results_above = (
+            settings.store_results_above_bytes if settings.store.enabled else None
+        )
         self._stopping = asyncio.Event()
         self._hard_stop = asyncio.Event()
         self._requests = TaskSet(on_fatal=self._fatal)
         self._background = TaskSet(on_fatal=self._fatal)
+        self._claims = Claims(
+            PayloadStore(settings.store) if settings.store.enabled else None,
+            self._background,
+            self.metrics,
+        )
         self._fatal_error: BaseException | None = None
         self._received = 0
         self._answered = 0
@@ -197,8 +207,9 @@ class SvdService:
         topic_limits = await read_topic_limits(clients.admin(), [s.results_topic, s.dlq_topic])
         log.info("output topics take records up to %s bytes", topic_limits or "unknown")
         self._handler = RequestHandler(
-            s, self._dispatcher, publisher, m, self._outbox, reply_topics, topic_limits
-        )
+            s, self._dispatcher, publisher, m, self._outbox, reply_topics, topic_limits,
+            claims=self._claims,
+        )  # fmt: skip
         self._background.spawn(
             self._committer.every(s.commit_interval_s), name="committer", critical=True
         )
@@ -332,7 +343,10 @@ class SvdService:
             return True
         if self.inflight.requests >= self.inflight.budget.max_requests:
             return False
-        ticket = admission.price(record, self._limits, test_faults=self.settings.enable_test_faults)
+        ticket = admission.price(
+            record, self._limits, test_faults=self.settings.enable_test_faults,
+            store_results_above=self._store_results_above,
+        )  # fmt: skip
         if not self.inflight.fits(ticket.cost):
             return False
         ledger = self.offsets.ledger(tp)
@@ -381,8 +395,9 @@ class SvdService:
         """Read with ``consumer``; commits, lag and the rebalance listener act through it."""
         self._consumer = consumer
         self._committer = Committer(
-            consumer, self.offsets, self.broker, transactional=self._outbox is not None
-        )
+            consumer, self.offsets, self.broker, transactional=self._outbox is not None,
+            claims=self._claims,
+        )  # fmt: skip
         self._lag = LagMonitor(
             consumer, self.offsets, self.metrics, self.broker,
             pool_size=self.pool_size, timeout_s=self.settings.ready_broker_window_s / 2,

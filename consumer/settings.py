@@ -16,6 +16,8 @@ from typing import Any, Literal
 from pydantic import Field, FilePath, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from objectstore.settings import StoreSettings
+
 MIB = 1024 * 1024
 _SECRETS_FROM_FILES = ("sasl_password", "ssl_key_password")
 
@@ -145,12 +147,35 @@ class ConsumerSettings(BaseSettings):
         default=64 * MIB, ge=0, description="idle shared memory kept for reuse (0: none)"
     )
 
-    # Input limits, checked before anything is allocated
+    # Input limits, checked before anything is allocated. A matrix this large only fits a
+    # record when the topic allows it; through the store (below) it always can.
     max_rows: int = Field(default=16384, ge=1)
     max_cols: int = Field(default=16384, ge=1)
-    max_elements: int = Field(default=16_777_216, ge=1)
-    max_matrix_bytes: int = Field(default=128 * MIB, ge=1)
+    max_elements: int = Field(default=8192 * 8192, ge=1)
+    max_matrix_bytes: int = Field(default=512 * MIB, ge=1)
     max_nnz: int = Field(default=16_777_216, ge=1, description="stored entries of a sparse matrix")
+
+    # The object store of the claim check (SVD_STORE_*: objectstore/settings.py). Without one,
+    # every payload travels in its record and references are refused.
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    store_results_above_bytes: int = Field(
+        default=512 * 1024,
+        ge=0,
+        description="a version 2 request's factors larger than this go to the store",
+    )
+    max_stored_result_bytes: int = Field(
+        default=2 * 1024 * MIB, ge=1, description="U + S + Vt written to the store, at most"
+    )
+    store_outage_s: float = Field(
+        default=300.0,
+        ge=0,
+        description="how long a request waits for an unreachable store before STORE_UNAVAILABLE",
+    )
+    delete_request_objects: bool = Field(
+        default=True,
+        description="delete a stored request's object once its result is acknowledged "
+        "(failed requests keep theirs, for their dead letter)",
+    )
 
     # Operations
     metrics_host: str = "127.0.0.1"

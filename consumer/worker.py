@@ -100,6 +100,7 @@ def _run_items(block: AttachedBlock, job: Job) -> tuple[ItemOutcome, ...]:
                     out,
                     timestamp_ms=None if item.timestamp_ms < 0 else item.timestamp_ms,
                     before_compute=_fault(item.fault, job.attempt),
+                    origin=item.origin,
                 )
             )
         outcomes = processing.answer_all(

@@ -7,22 +7,28 @@ accepted, rejected, timed out, abandoned and closed in exactly the same way by b
 from __future__ import annotations
 
 import asyncio
+import logging
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Generator, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, Self, overload
 
 import numpy as np
 import numpy.typing as npt
 
+from objectstore import PayloadStore, StoreError
 from producer_sdk import _wire
-from producer_sdk.errors import ClientClosed, SvdError, SvdInvalidRequest
+from producer_sdk.errors import ClientClosed, SvdError, SvdInvalidRequest, service_error
 from producer_sdk.pending import PendingTable, SeenIds
 from producer_sdk.result import SvdResult
 from producer_sdk.settings import ClientSettings
-from schemas.codec import EncodedMessage
+from schemas import codec
+from schemas.codec import EncodedMessage, StoredResult
 from schemas.errors import ErrorCode
 from schemas.headers import Encoding
+from schemas.models import ObjectRef
+
+log = logging.getLogger("producer_sdk")
 
 State = Literal["new", "starting", "open", "closed"]
 
@@ -80,11 +86,13 @@ class ClientStats:
 
 @dataclass(frozen=True)
 class Outgoing:
-    """A request about to leave: its record and the future its answer resolves."""
+    """A request about to leave: its record and the future its answer resolves, and the URL of
+    its stored matrix, if any (deleted again when the request is not sent)."""
 
     request_id: str
     message: EncodedMessage
     future: asyncio.Future[SvdResult]
+    stored_url: str | None = None
 
 
 class BaseSvdClient(ABC):
@@ -97,6 +105,9 @@ class BaseSvdClient(ABC):
         self._pending: PendingTable[SvdResult] | None = None
         self._state: State = "new"
         self._broken: str | None = None
+        self._store = PayloadStore(settings.store) if settings.store.enabled else None
+        # Fetching stored results and deleting unsent requests' objects, until they end.
+        self._store_tasks: set[asyncio.Task[Any]] = set()
 
     # -- transport: what subclasses provide ------------------------------------------------------
 
@@ -143,6 +154,10 @@ class BaseSvdClient(ABC):
         if self._pending is not None:
             self._pending.fail_all(lambda rid: ClientClosed(request_id=rid))
         await self._disconnect()
+        tasks, self._store_tasks = self._store_tasks, set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     @property
     def closed(self) -> bool:
@@ -220,6 +235,11 @@ class BaseSvdClient(ABC):
         request_id = _wire.new_request_id()
         created_at_ms = _wire.now_ms()
         deadline_ms = created_at_ms + round(timeout_s * 1000)
+        stores = self.settings.stores_payloads
+        # Decided from the matrix's size: stored requests are encoded binary, their bytes become
+        # the object and their svd-meta the request that references it.
+        nbytes = matrix.nbytes if isinstance(matrix, np.ndarray) else None
+        to_store = stores and (nbytes is None or nbytes > self.settings.store_above_bytes)
 
         def build() -> EncodedMessage:
             return _wire.build_request(
@@ -230,28 +250,89 @@ class BaseSvdClient(ABC):
                 compute_uv=compute_uv,
                 created_at_ms=created_at_ms,
                 deadline_ms=deadline_ms,
-                encoding=encoding or self.settings.encoding,
+                encoding=Encoding.BINARY if to_store else (encoding or self.settings.encoding),
                 reply_topic=self.settings.reply_topic,
                 correlation_id=correlation_id,
+                schema_version=2 if stores else 1,
             )
 
         # Converting a list, copying a big array or printing it as JSON is event-loop time that
         # the caller's other work would wait for.
-        small = isinstance(matrix, np.ndarray) and matrix.nbytes <= self.settings.offload_bytes
+        small = nbytes is not None and nbytes <= self.settings.offload_bytes
         message = build() if small else await asyncio.to_thread(build)
-        check_size(message, self.settings.max_message_bytes, request_id)
-        future = await self._ready().open(request_id, loop_deadline)
+        stored_url = None
+        if to_store and len(message.value) > self.settings.store_above_bytes:
+            message, stored_url = await self._store_request(request_id, message)
+        try:
+            check_size(message, self.settings.max_message_bytes, request_id)
+            future = await self._ready().open(request_id, loop_deadline)
+        except BaseException:
+            self._forget_stored(stored_url)
+            raise
         try:
             self._ready()  # the client may have closed while we waited for a slot
-            await self._transmit(Outgoing(request_id, message, future))
+            await self._transmit(Outgoing(request_id, message, future, stored_url))
         except SvdError as error:
+            self._forget_stored(stored_url)
             if self._pending is not None:
                 self._pending.fail(request_id, error)
             raise
         except BaseException:
+            self._forget_stored(stored_url)
             future.cancel()  # cancelled while sending: the request is abandoned
             raise
         return SvdHandle(request_id, deadline_ms, future)
+
+    # -- stored payloads ------------------------------------------------------------------------
+
+    async def _store_request(
+        self, request_id: str, message: EncodedMessage
+    ) -> tuple[EncodedMessage, str]:
+        """Put the binary request's value in the store; the request that references it."""
+        assert self._store is not None
+        try:
+            stored = await self._store.write_async(f"requests/{request_id}", [message.value])
+        except StoreError as exc:
+            raise service_error(
+                exc.code, f"the matrix could not be stored: {exc.message}",
+                request_id=request_id, retryable=exc.retryable,
+            ) from exc  # fmt: skip
+        ref = ObjectRef(url=stored.url, nbytes=stored.nbytes, sha256=stored.sha256)
+        return codec.to_stored(message, ref), stored.url
+
+    def _forget_stored(self, url: str | None) -> None:
+        """A stored request that was not sent: its object is nobody's, delete it."""
+        if url is not None and self._store is not None:
+            self._background(self._store.delete_async(url), f"delete {url[:80]}")
+
+    def _background(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        self._store_tasks.add(task)
+        task.add_done_callback(self._store_task_done)
+        return task
+
+    def _store_task_done(self, task: asyncio.Task[Any]) -> None:
+        self._store_tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.warning("%s failed: %r", task.get_name(), exc)
+
+    def _resolve_reply(self, request_id: str, outcome: SvdResult | SvdError | StoredResult) -> None:
+        """Resolve a pending request; a stored result first has its factors fetched."""
+        pending = self._pending
+        if pending is None:
+            return
+        if not isinstance(outcome, StoredResult):
+            pending.resolve(request_id, outcome)
+            return
+
+        async def fetch() -> None:
+            fetched = await _wire.fetch_stored(
+                self._store, outcome, delete=self.settings.delete_fetched_results
+            )
+            if self._pending is not None:
+                self._pending.resolve(request_id, fetched)
+
+        self._background(fetch(), f"fetch {request_id}")
 
     @overload
     async def svd_many(

@@ -6,6 +6,8 @@ exactly alike. Every byte goes through ``schemas.codec``; nothing here knows the
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import operator
 import time
 import uuid
@@ -14,6 +16,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from objectstore import PayloadStore, StoreError, StoreUnavailable
 from producer_sdk.errors import InvalidReply, SvdError, service_error
 from producer_sdk.result import SvdResult
 from schemas import codec
@@ -69,14 +72,16 @@ def build_request(
     encoding: Encoding,
     reply_topic: str | None = None,
     correlation_id: str | None = None,
+    schema_version: int = 1,
 ) -> codec.EncodedMessage:
-    """The request record. Raises SvdInvalidRequest with the code the service would answer."""
+    """The request record. Raises SvdInvalidRequest with the code the service would answer.
+    ``schema_version`` 2 lets the service answer with stored factors (a client with a store)."""
     array = as_matrix(matrix)
     options: dict[str, object] = {"full_matrices": full_matrices, "compute_uv": compute_uv}
     if k is not None:
         options["k"] = _index(k)
     body: dict[str, Any] = {
-        "schema_version": 1,
+        "schema_version": schema_version,
         "request_id": request_id,
         "options": options,
         "created_at_ms": created_at_ms,
@@ -118,20 +123,82 @@ def outcome_of(reply: codec.DecodedResult | ErrorResult) -> SvdResult | SvdError
 
 def decode_answer(
     value: Buffer, headers: ReceivedHeaders, expected_id: str | None
-) -> SvdResult | SvdError:
-    """Decode a reply record; a malformed one becomes InvalidReply rather than an exception."""
+) -> SvdResult | SvdError | codec.StoredResult:
+    """Decode a reply record; a malformed one becomes InvalidReply rather than an exception.
+    A result whose factors are stored comes back as is: ``fetch_stored`` reads them."""
     try:
         reply = codec.decode_reply(value, headers)
     except ContractError as exc:
         return InvalidReply(
             exc.code, f"malformed reply: {exc.message}", request_id=expected_id, retryable=False
         )
-    outcome = outcome_of(reply)
-    if expected_id is not None and outcome.request_id != expected_id:
+    found = reply.request_id if isinstance(reply, ErrorResult) else reply.meta.request_id
+    if expected_id is not None and found != expected_id:
         return InvalidReply(
             ErrorCode.INVALID_SCHEMA,
-            f"reply keyed {expected_id!r} carries request_id {outcome.request_id!r}",
+            f"reply keyed {expected_id!r} carries request_id {found!r}",
             request_id=expected_id,
             retryable=False,
         )
-    return outcome
+    if isinstance(reply, codec.StoredResult):
+        return reply
+    return outcome_of(reply)
+
+
+# A stored result's object is read again after the store failed, twice, 0.2 s then 0.4 s later,
+# before the call fails with STORE_UNAVAILABLE (retryable).
+_FETCH_ATTEMPTS = 3
+_FETCH_FIRST_WAIT_S = 0.2
+
+
+async def fetch_stored(
+    store: PayloadStore | None, stored: codec.StoredResult, *, delete: bool
+) -> SvdResult | SvdError:
+    """The factors of a stored result, read from the store (only from a location this client
+    trusts: its own store and its ``trusted_urls``) and verified; the object is deleted after
+    when ``delete``. A failure becomes the SvdError of its code."""
+    request_id = stored.meta.request_id
+    ref = stored.ref
+    if store is None:
+        return InvalidReply(
+            ErrorCode.UNTRUSTED_REFERENCE,
+            f"the result's factors are stored at {ref.url} but this client has no store",
+            request_id=request_id,
+            retryable=False,
+        )
+    for attempt in range(1, _FETCH_ATTEMPTS + 1):
+        try:
+            data = await store.read_async(ref.url, ref.nbytes, ref.sha256, request_id)
+            break
+        except StoreUnavailable as exc:
+            if attempt == _FETCH_ATTEMPTS:
+                return _store_error(exc, request_id)
+            await asyncio.sleep(_FETCH_FIRST_WAIT_S * 2 ** (attempt - 1))
+        except StoreError as exc:
+            return _store_error(exc, request_id)
+    try:
+        if len(data) > _DECODE_INLINE_BYTES:
+            result = await asyncio.to_thread(codec.load_stored_result, stored, data)
+        else:
+            result = codec.load_stored_result(stored, data)
+    except ContractError as exc:
+        return InvalidReply(
+            exc.code, f"malformed stored result: {exc.message}", request_id=request_id,
+            retryable=False,
+        )  # fmt: skip
+    if delete:
+        with contextlib.suppress(StoreError):  # the bucket's lifecycle rule is the fallback
+            await store.delete_async(ref.url)
+    return outcome_of(result)
+
+
+_DECODE_INLINE_BYTES = 256 * 1024
+
+
+def _store_error(exc: StoreError, request_id: str) -> SvdError:
+    return service_error(
+        exc.code,
+        f"the result's factors could not be read: {exc.message}",
+        request_id=request_id,
+        retryable=exc.retryable,
+    )

@@ -115,9 +115,15 @@ class AsyncSvdClient(BaseSvdClient):
             )
         except KafkaError as exc:
             raise _send_error(exc, request.request_id) from exc
-        ack.add_done_callback(lambda acked: self._on_ack(request.request_id, acked))
+        ack.add_done_callback(
+            lambda acked: self._on_ack(request.request_id, acked, request.stored_url)
+        )
 
-    def _on_ack(self, request_id: str, acked: asyncio.Future[Any]) -> None:
+    def _on_ack(
+        self, request_id: str, acked: asyncio.Future[Any], stored_url: str | None = None
+    ) -> None:
+        if acked.cancelled() or acked.exception() is not None:
+            self._forget_stored(stored_url)  # not sent: nobody will read or delete it
         pending = self._pending
         if pending is None or request_id not in pending:
             return
@@ -172,7 +178,7 @@ class AsyncSvdClient(BaseSvdClient):
             outcome = await asyncio.to_thread(_wire.decode_answer, body, headers, request_id)
         else:
             outcome = _wire.decode_answer(body, headers, request_id)
-        pending.resolve(request_id, outcome)
+        self._resolve_reply(request_id, outcome)
 
 
 def _send_error(exc: KafkaError, request_id: str) -> SendFailed:

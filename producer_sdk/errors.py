@@ -75,6 +75,11 @@ _BY_CODE: dict[ErrorCode, type[SvdError]] = {
     ErrorCode.MESSAGE_TOO_LARGE: SvdInvalidRequest,
     ErrorCode.INVALID_SPARSE: SvdInvalidRequest,
     ErrorCode.UNREADABLE_RECORD: SvdInvalidRequest,  # never answered: no request id is left
+    # A referenced payload the service would not or could not use: the request names it.
+    ErrorCode.UNTRUSTED_REFERENCE: SvdInvalidRequest,
+    ErrorCode.OBJECT_NOT_FOUND: SvdInvalidRequest,
+    ErrorCode.OBJECT_MISMATCH: SvdInvalidRequest,
+    ErrorCode.STORE_UNAVAILABLE: SvdInternalError,
     ErrorCode.SVD_FAILED: SvdComputeError,
     ErrorCode.RESULT_OVERFLOW: SvdComputeError,
     ErrorCode.TIMEOUT: SvdComputeError,

@@ -25,12 +25,14 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 
+from objectstore import PayloadStore
 from producer_sdk import _wire
 from producer_sdk._kafka import TopicReader, topic_partitions
 from producer_sdk.errors import SvdError
 from producer_sdk.pending import Finished, SeenIds
 from producer_sdk.result import SvdResult
 from producer_sdk.settings import ClientSettings
+from schemas.codec import StoredResult
 
 __all__ = ["ListenerStats", "ResultsListener"]
 
@@ -73,6 +75,7 @@ class ResultsListener:
         self.stats = ListenerStats()
         self._commit_interval_s = commit_interval_s
         self._seen = SeenIds(settings.seen_ids_max, settings.seen_ids_ttl_s)
+        self._store = PayloadStore(settings.store) if settings.store.enabled else None
         self._reader: TopicReader | None = None
         self._group: AIOKafkaConsumer | None = None
         self._buffer: deque[ConsumerRecord[bytes, bytes]] = deque()
@@ -173,8 +176,13 @@ class ResultsListener:
         except UnicodeDecodeError:
             key = None
         if len(body) > self.settings.offload_bytes:
-            return await asyncio.to_thread(_wire.decode_answer, body, record.headers, key)
-        return _wire.decode_answer(body, record.headers, key)
+            outcome = await asyncio.to_thread(_wire.decode_answer, body, record.headers, key)
+        else:
+            outcome = _wire.decode_answer(body, record.headers, key)
+        if isinstance(outcome, StoredResult):
+            # A listener only reads: the requester deletes the object once it has the factors.
+            return await _wire.fetch_stored(self._store, outcome, delete=False)
+        return outcome
 
     def _mark_last_done(self) -> None:
         last, self._last = self._last, None

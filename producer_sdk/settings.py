@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import Field, FilePath, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from objectstore.settings import StoreSettings
 from schemas.headers import Encoding
 
 MIB = 1024 * 1024
@@ -55,6 +56,14 @@ def _default_client_id() -> str:
     # Host and pid say where a request came from in the service's logs; the random part keeps two
     # clients in one process apart.
     return f"svd-sdk-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class ClientStoreSettings(StoreSettings):
+    """The client's object store (``SVD_CLIENT_STORE_*``): the same fields as the service's."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SVD_CLIENT_STORE_", frozen=True, extra="forbid", hide_input_in_errors=True
+    )
 
 
 class ClientSettings(BaseSettings):
@@ -109,6 +118,18 @@ class ClientSettings(BaseSettings):
     # in a worker thread so the caller's event loop keeps serving.
     offload_bytes: int = Field(default=256 * 1024, ge=0)
 
+    # Stored payloads, the claim check (docs/sdk.md, "Large matrices"). With a store configured
+    # and payloads "auto", a matrix above store_above_bytes goes to the store and the request
+    # carries its reference (schema_version 2), and the service may answer with stored factors,
+    # which are fetched (and deleted) before svd() returns. "inline": everything travels in the
+    # records, as without a store. The default keeps records under Kafka's default 1 MB limit.
+    store: ClientStoreSettings = Field(default_factory=ClientStoreSettings)
+    payloads: Literal["auto", "inline"] = "auto"
+    store_above_bytes: int = Field(default=512 * 1024, ge=0)
+    delete_fetched_results: bool = Field(
+        default=True, description="delete a stored result's object once its factors are read"
+    )
+
     # Security (PLAINTEXT by default; the same names and rules as the consumer's SVD_* settings,
     # docs/security.md). Secrets are SecretStr: masked in repr and dumps; each can come from a
     # file instead (`*_file`: Docker and Kubernetes secrets), read once here.
@@ -130,6 +151,11 @@ class ClientSettings(BaseSettings):
         if self.reply_topic is not None and self.reply_topic == self.requests_topic:
             raise ValueError("reply_topic must differ from requests_topic")
         return self
+
+    @property
+    def stores_payloads(self) -> bool:
+        """Requests may reference stored matrices and be answered with stored factors."""
+        return self.store.enabled and self.payloads == "auto"
 
     @property
     def answers_topic(self) -> str:

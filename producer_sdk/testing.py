@@ -108,7 +108,7 @@ class FakeSvdClient(BaseSvdClient):
             if self._pending is None:
                 return
             outcome = _wire.decode_answer(reply.value, reply.headers, request.request_id)
-            self._pending.resolve(request.request_id, outcome)
+            self._resolve_reply(request.request_id, outcome)
 
     # -- the service's side ---------------------------------------------------------------------
 
@@ -122,6 +122,18 @@ class FakeSvdClient(BaseSvdClient):
             return codec.encode_error(ErrorResult.from_exception(err, request_id=request_id))
         meta = decoded.meta
         self.requests.append(meta)
+        if decoded.stored is not None:  # read from the client's own store, as the service would
+            ref = decoded.stored
+            try:
+                if self._store is None:
+                    raise ContractError(ErrorCode.UNTRUSTED_REFERENCE, "the fake has no store")
+                data = self._store.read(ref.url, ref.nbytes, ref.sha256, meta.request_id)
+                decoded = codec.load_stored_request(decoded, data, self.limits)
+            except ContractError as err:
+                return codec.encode_error(
+                    ErrorResult.from_exception(err, request_id=meta.request_id)
+                )
+            self._store.delete(ref.url)
         error = injected
         if error is None and meta.deadline_ms is not None and _wire.now_ms() > meta.deadline_ms:
             error = SvdServiceError(ErrorCode.EXPIRED, f"deadline {meta.deadline_ms} ms passed")
@@ -134,6 +146,7 @@ class FakeSvdClient(BaseSvdClient):
         started = time.time() * 1000
         try:
             matrix = decoded.matrix
+            assert matrix is not None  # loaded above when stored
             dense = matrix if isinstance(matrix, np.ndarray) else matrix.toarray()
             u, s, vt = _svd(dense, meta)
         except np.linalg.LinAlgError as exc:
@@ -145,6 +158,7 @@ class FakeSvdClient(BaseSvdClient):
             )
         done = time.time() * 1000
         result = SvdResultMeta(
+            schema_version=meta.schema_version,
             request_id=meta.request_id,
             timings=Timings(
                 queue_wait_ms=max(0.0, started - received_ms),

@@ -33,6 +33,7 @@ from hypothesis import strategies as st
 
 from consumer import jobs, processing, shm
 from consumer.admission import price
+from objectstore.settings import StoreSettings
 from producer_sdk import _wire
 from schemas import codec
 from schemas.errors import ContractError, ErrorCode
@@ -368,7 +369,8 @@ def test_only_the_pool_pickles_and_only_its_own_descriptors() -> None:
     # shared-memory names, region indexes, the contract's limits, names and numbers. No
     # received byte and no array: the records and the answers travel through shared memory.
     # Both ends are our processes, so nothing unpickled there was ever written by a producer.
-    plain = {int, float, bool, str, type(None)}
+    # The store's settings: the service's own configuration, read from its environment.
+    plain = {int, float, bool, str, type(None), StoreSettings}
     descriptors = {
         jobs.Job,
         jobs.JobItem,
