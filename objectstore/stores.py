@@ -117,8 +117,13 @@ class PayloadStore:
         with _mapped(str(location), None):
             if location.scheme == "file":
                 root = Path(location.prefix)
-                for path in sorted(root.glob(f"{prefix}**/*") if prefix else root.rglob("*")):
-                    if path.is_file() and not path.name.startswith(".tmp-"):
+                for path in sorted(root.rglob("*")):
+                    key = path.relative_to(root).as_posix()
+                    if (
+                        key.startswith(prefix)
+                        and path.is_file()
+                        and not path.name.startswith(".tmp-")
+                    ):
                         stat = path.stat()
                         yield StoredEntry("file://" + str(path), stat.st_size, stat.st_mtime)
                 return

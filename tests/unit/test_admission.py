@@ -281,3 +281,63 @@ def test_a_short_json_request_is_repriced_from_what_the_worker_asks() -> None:
     ticket.reprice(outcome.answer_bytes, inflight)
     assert inflight.bytes == ticket.cost == 2 * len(message.value) + 2 * outcome.answer_bytes
     assert isinstance(_worker_pass(record, ticket.answer_bytes), Answered)
+
+
+# -- stored payloads (schema_version 2) ---------------------------------------------------------
+
+
+def _stored_record(shape: tuple[int, int], **fields: Any) -> ConsumerRecord[bytes, bytes]:
+    a = np.zeros(shape)
+    _, message = make_request(a, request_id="stored-1", **fields)
+    ref = codec.ObjectRef(url="s3://svd-payloads/requests/r", nbytes=a.nbytes, sha256="0" * 64)
+    return _message_record(codec.to_stored(message, ref))
+
+
+def test_a_stored_request_is_charged_its_matrix_and_its_stored_factors_before_any_fetch() -> None:
+    record = _stored_record((2048, 2048), options={"full_matrices": True})
+    ticket = price(record, LIMITS, store_results_above=512 * 1024)
+    matrix = factors = 2048 * 2048 * 8
+    factors = 2 * matrix + 2048 * 8
+    assert ticket.stored_bytes == matrix + factors
+    assert ticket.answer_bytes == codec.STORED_RESULT_ROOM  # the answer is the reference
+    assert ticket.cost == 2 * len(record.value or b"") + 2 * ticket.answer_bytes + matrix + factors
+    assert ticket.request_id == "stored-1"  # read with the reference, for the logs
+
+
+def test_a_stored_request_with_small_factors_gets_room_for_its_json_answer() -> None:
+    record = _stored_record((2048, 2048), options={"compute_uv": False})
+    ticket = price(record, LIMITS, store_results_above=512 * 1024)
+    assert ticket.stored_bytes == 2048 * 2048 * 8  # only the matrix: S travels inline
+    assert ticket.answer_bytes == codec.result_bytes(
+        (2048, 2048), k=None, full_matrices=False, compute_uv=False, itemsize=8,
+        encoding=codec.Encoding.JSON,
+    )  # fmt: skip
+
+
+def test_without_a_store_nothing_is_priced_as_stored_factors() -> None:
+    _, message = make_request(np.zeros((512, 512)), options={"full_matrices": True})
+    assert price(_message_record(message), LIMITS).stored_bytes == 0
+    stored = price(_message_record(message), LIMITS, store_results_above=1024)
+    assert stored.stored_bytes == 2 * 512 * 512 * 8 + 512 * 8
+    assert stored.answer_bytes == codec.STORED_RESULT_ROOM
+
+
+def test_a_version_1_request_is_never_priced_as_stored_factors() -> None:
+    _, message = make_request(np.zeros((512, 512)), schema_version=1)
+    assert price(_message_record(message), LIMITS, store_results_above=0).stored_bytes == 0
+
+
+@pytest.mark.parametrize(
+    "ref",
+    [{"nbytes": -1}, {"nbytes": "8"}, {"nbytes": True}, "s3://x", None, {"nbytes": 1.5}],
+)
+def test_a_malformed_reference_is_priced_as_nothing_stored_and_left_to_the_worker(
+    ref: object,
+) -> None:
+    body = {
+        "schema_version": 2,
+        "request_id": "r",
+        "matrix": {"shape": [2, 2], "dtype": "float64", "ref": ref},
+    }
+    ticket = price(_record(orjson.dumps(body), [("content-type", b"application/json")]), LIMITS)
+    assert ticket.stored_bytes == 0
