@@ -44,6 +44,16 @@ def _parser() -> argparse.ArgumentParser:
     for name, (kind, help_text) in _FLAGS.items():
         run.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, help=help_text)
     sub.add_parser("settings", help="print the effective settings (secrets masked)")
+    sweep = sub.add_parser(
+        "sweep-store",
+        help="delete payload objects older than an age from the store (SVD_STORE_*); for "
+        "stores without a lifecycle rule",
+    )
+    sweep.add_argument("--older-than-s", type=float, required=True, help="age in seconds")
+    sweep.add_argument(
+        "--prefix", default="", help="only keys under this prefix, e.g. results/ (default: all)"
+    )
+    sweep.add_argument("--dry-run", action="store_true", help="list what would go, delete nothing")
     return parser
 
 
@@ -79,6 +89,32 @@ async def serve(settings: ConsumerSettings) -> int:
     return 0
 
 
+def _sweep(settings: ConsumerSettings, args: argparse.Namespace) -> int:
+    from consumer.sweep import sweep
+    from objectstore import StoreError
+
+    logs.configure(settings.log_level, json=settings.log_json)
+    if not settings.store.enabled:
+        print("svd-consumer: no object store configured (SVD_STORE_URL)", file=sys.stderr)
+        return 2
+    try:
+        swept = sweep(
+            settings.store, older_than_s=args.older_than_s, prefix=args.prefix,
+            dry_run=args.dry_run,
+        )  # fmt: skip
+    except StoreError as exc:
+        print(
+            f"svd-consumer: cannot list {settings.store.describe()}: {exc.message}", file=sys.stderr
+        )
+        return 1
+    verb = "would delete" if args.dry_run else "deleted"
+    print(
+        f"{settings.store.describe()}/{args.prefix}: {swept.seen} objects, {verb} "
+        f"{swept.deleted}, failed {swept.failed}, kept {swept.kept_bytes} bytes"
+    )
+    return 1 if swept.failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -89,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "settings":
         print(settings.model_dump_json(indent=2))
         return 0
+    if args.command == "sweep-store":
+        return _sweep(settings, args)
     logs.configure(settings.log_level, json=settings.log_json)
     allocator.tune()  # before the first large buffer (consumer/allocator.py)
     return asyncio.run(serve(settings))
