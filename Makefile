@@ -1,5 +1,5 @@
 # Common tasks. `make run` and `make test` set everything up on a fresh machine first.
-.PHONY: setup test-setup run test unit integration faults lint typecheck bench profile broker-up broker-down clean
+.PHONY: setup test-setup run test unit integration faults lint typecheck bench profile broker-up broker-down store-up store-down clean
 
 VENV := .venv
 BIN := $(VENV)/bin
@@ -59,6 +59,15 @@ broker-up: setup
 broker-down:
 	$(BIN)/svd-broker down
 
+# The local S3-compatible object store (S3Proxy); `eval "$(.venv/bin/svd-store env)"` points this
+# shell's service (SVD_STORE_*) and SDK (SVD_CLIENT_STORE_*) at it.
+store-up: setup
+	$(BIN)/svd-store up
+
+store-down:
+	$(BIN)/svd-store down
+
 clean:
 	-$(BIN)/svd-broker down
-	rm -rf .kafka/instance .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	-$(BIN)/svd-store down
+	rm -rf .kafka/instance .s3proxy/instance .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,9 +1,11 @@
-"""``python -m demo`` (``make run``): the local broker, the consumer service and a verified workload.
+"""``python -m demo`` (``make run``): the local broker and object store, the consumer service
+and a verified workload.
 
-Starts a real Kafka broker (jars from Maven Central, cached), creates the topics, starts the
-consumer service as its own process, drives a few hundred SVDs of mixed sizes plus bad requests
-through the SDK, and prints a verified summary. Ctrl-C at any point stops everything: the
-service drains, the broker stops, no JVM or worker is left behind.
+Starts a real Kafka broker (jars from Maven Central, cached), creates the topics, starts a real
+S3-compatible object store (S3Proxy, also from Maven Central) for payloads too large for Kafka,
+starts the consumer service as its own process, drives a few hundred SVDs of mixed sizes plus
+bad requests through the SDK, and prints a verified summary. Ctrl-C at any point stops
+everything: the service drains, the store and the broker stop, no JVM or worker is left behind.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 
 from demo.workload import Report, run_workload
 from localkafka import BrokerError, LocalBroker, ensure_topics
+from localstore import CLIENT_PREFIX, SERVICE_PREFIX, LocalStore, LocalStoreError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -37,9 +40,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _start_service(bootstrap: str, log_path: Path) -> subprocess.Popen[bytes]:
+def _start_service(
+    bootstrap: str, store_env: dict[str, str], log_path: Path
+) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
+        **store_env,  # SVD_STORE_*: the store's endpoint, bucket and credentials
         "SVD_BOOTSTRAP_SERVERS": bootstrap,
         "SVD_GROUP_ID": "svd-demo",
         "SVD_METRICS_PORT": os.environ.get("SVD_METRICS_PORT", "9400"),
@@ -92,6 +98,9 @@ def _summary(report: Report) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     broker = LocalBroker()
+    store = LocalStore()
+    # A store already up (`svd-store up`) is used and left running; one started here is stopped.
+    own_store = store.status() is None
     service: subprocess.Popen[bytes] | None = None
     # SIGTERM takes the same orderly path as Ctrl-C.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
@@ -103,8 +112,17 @@ def main(argv: list[str] | None = None) -> int:
         state = broker.start(die_with_parent=True)
         topics = asyncio.run(ensure_topics(state.bootstrap, broker.topics))
         print(f"broker ready at {state.bootstrap}; topics {topics}", flush=True)
+        print("starting the local object store (S3Proxy; the first run fetches it) ...", flush=True)
+        store_state = store.start(die_with_parent=True)
+        print(
+            f"object store ready at {store_state.endpoint}, bucket {store.settings.bucket}; "
+            f"its log: {store.log_file}",
+            flush=True,
+        )
+        # The SDK client the workload makes reads its store settings from SVD_CLIENT_STORE_*.
+        os.environ.update(store.env(CLIENT_PREFIX))
         log_path = broker.workdir / "consumer.log"
-        service = _start_service(state.bootstrap, log_path)
+        service = _start_service(state.bootstrap, store.env(SERVICE_PREFIX), log_path)
         print(f"consumer service started (pid {service.pid}); its log: {log_path}", flush=True)
         names = {
             "requests": broker.topics.requests,
@@ -114,20 +132,27 @@ def main(argv: list[str] | None = None) -> int:
         report = asyncio.run(run_workload(state.bootstrap, names, count=args.count, seed=args.seed))
         print(_summary(report), flush=True)
         if args.keep_running:
-            print("the service keeps running; Ctrl-C stops it and the broker", flush=True)
+            print(
+                "the service keeps running; Ctrl-C stops it, the store and the broker", flush=True
+            )
             while service.poll() is None:
                 time.sleep(0.5)
         return 0 if report.ok else 1
     except KeyboardInterrupt:
-        print("\ninterrupted: stopping the service and the broker", flush=True)
+        print("\ninterrupted: stopping the service, the store and the broker", flush=True)
         return 130
-    except BrokerError as exc:
+    except (BrokerError, LocalStoreError) as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 2
     finally:
         if service is not None:
             _stop_service(service)
             print("consumer service stopped", flush=True)
+        if own_store:
+            if store.stop():
+                print("object store stopped", flush=True)
+        elif store.status() is not None:
+            print(f"object store left running at {store.endpoint} (`svd-store down` stops it)")
         broker.stop()
         print("broker stopped", flush=True)
 

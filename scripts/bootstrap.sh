@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the project needs on a fresh Debian machine: system packages (only those missing),
-# the virtualenv with the project and its dev tools, and the Kafka jars (cached in .kafka/).
+# the virtualenv with the project and its dev tools, the Kafka jars (cached in .kafka/) and the
+# S3Proxy jar of the local object store (cached in .s3proxy/), so tests and `make run` work offline.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,3 +30,4 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
 fi
 
 .venv/bin/python -c 'from localkafka.jars import ensure_jars; from localkafka.settings import BrokerSettings as S; s=S(); ensure_jars(s.libs_dir, s.kafka_version)'
+.venv/bin/python -c 'from localstore.jar import ensure_jar; from localstore.settings import LocalStoreSettings as S; s=S(); ensure_jar(s.jar_path, s.s3proxy_version)'

@@ -4,7 +4,8 @@ No Docker engine here: these check what can be checked without one. The files pa
 file a service mounts exists, the consumer's environment names real settings with valid values,
 the topics kafka-init creates are the ones the consumer reads, Prometheus finds the replicas by
 DNS on the port they listen on (and promtool accepts its config), Grafana's provisioning points
-at the mounted dashboard and the provisioned datasource.
+at the mounted dashboard and the provisioned datasource, the consumer and the load generator use
+the bucket the object store creates, with the credentials it checks.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import pytest
 import yaml
 
 from consumer.settings import ConsumerSettings
+from localstore import LocalStoreSettings
+from objectstore.settings import StoreSettings
 from schemas import topics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -87,7 +90,7 @@ def _size(text: str) -> int:
 def test_the_stack_has_every_service_and_references_resolve(
     compose: dict[str, Any], services: dict[str, Any]
 ) -> None:
-    assert {"kafka", "kafka-init", "consumer", "prometheus", "grafana"} <= set(services)
+    assert {"kafka", "kafka-init", "store", "consumer", "prometheus", "grafana"} <= set(services)
     volumes = set(compose.get("volumes", {}))
     for name, service in services.items():
         for dependency in service.get("depends_on", []):
@@ -149,7 +152,7 @@ def test_the_consumer_service_is_scalable_and_its_environment_is_valid_settings(
     assert (REPO / consumer["build"]["context"] / consumer["build"]["dockerfile"]).is_file()
     assert consumer["depends_on"]["kafka-init"]["condition"] == "service_completed_successfully"
     assert _size(consumer["shm_size"]) >= 512 * 1024**2
-    env = _env(consumer)
+    env = {k: v for k, v in _env(consumer).items() if k not in _STORE_FIELDS}  # below
     fields = {f"SVD_{name.upper()}" for name in ConsumerSettings.model_fields}
     assert set(env) <= fields, f"not settings: {set(env) - fields}"
     settings = ConsumerSettings(**{k.removeprefix("SVD_").lower(): v for k, v in env.items()})
@@ -267,3 +270,51 @@ def test_the_dockerfile_installs_every_package_and_runs_the_service_unprivileged
     assert users and users[-1] not in ("root", "0")
     assert ("CMD", '["svd-consumer", "run"]') in instructions
     assert "svd-consumer" in pyproject["project"]["scripts"]
+
+
+_STORE_FIELDS = {f"SVD_STORE_{name.upper()}" for name in StoreSettings.model_fields}
+
+
+def _store_settings(env: dict[str, str], prefix: str) -> StoreSettings:
+    """The object store settings ``env`` gives a component whose variables start with ``prefix``."""
+    mine = {k.removeprefix(prefix).lower(): v for k, v in env.items() if k.startswith(prefix)}
+    assert mine, f"no {prefix}* variables"
+    return StoreSettings(**mine)  # extra="forbid": a misspelt variable fails here
+
+
+def test_the_store_serves_the_bucket_the_consumer_uses_with_the_credentials_it_checks(
+    compose: dict[str, Any], services: dict[str, Any]
+) -> None:
+    store, consumer = services["store"], services["consumer"]
+    image, _, tag = store["image"].partition(":")
+    assert image == "andrewgaul/s3proxy"
+    assert tag == LocalStoreSettings().s3proxy_version, "the S3Proxy `make run` runs, pinned"
+    env = _env(store)
+    assert env["S3PROXY_AUTHORIZATION"] == "aws-v2-or-v4"  # every request signed and checked
+    assert env["JCLOUDS_PROVIDER"] == "filesystem-nio2"  # as localstore configures it
+    basedir = env["JCLOUDS_FILESYSTEM_BASEDIR"]
+    ((volume, target),) = [v.split(":")[:2] for v in store["volumes"]]
+    assert (volume, target) == (volume, basedir) and volume in compose["volumes"]
+    listen_port = int(env["S3PROXY_ENDPOINT"].rsplit(":", 1)[1])
+    assert any(p.endswith(f":{listen_port}") for p in store["ports"])
+
+    settings = _store_settings(_env(consumer), "SVD_STORE_")
+    assert settings.endpoint == f"http://store:{listen_port}"
+    assert settings.allow_http
+    assert settings.access_key_id == env["S3PROXY_IDENTITY"]
+    assert settings.secret_access_key is not None
+    assert settings.secret_access_key.get_secret_value() == env["S3PROXY_CREDENTIAL"]
+    location = settings.location
+    assert location.scheme == "s3"
+    # The bucket is a directory of the filesystem backend, made before the server starts.
+    shell, flag, script = store["command"]
+    assert (shell, flag) == ("/bin/sh", "-c")
+    assert f"mkdir -p {basedir}/{location.bucket} && exec " in script
+    assert consumer["depends_on"]["store"]["condition"] == "service_healthy"
+    assert "healthcheck" in store
+
+
+def test_the_load_generator_reaches_the_store_the_consumer_uses(services: dict[str, Any]) -> None:
+    service = _store_settings(_env(services["consumer"]), "SVD_STORE_")
+    client = _store_settings(_env(services["loadgen"]), "SVD_CLIENT_STORE_")
+    assert client.model_dump() == service.model_dump()
