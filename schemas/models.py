@@ -321,12 +321,12 @@ class InlineSparseMatrix(SparseMatrixSpec):
 class ObjectRef(_Wire):
     """A payload kept in an object store instead of the Kafka record (the claim check)."""
 
-    url: Annotated[str, Field(min_length=6, max_length=2048, pattern=r"^(s3|file)://[!-~]+$")] = (
-        Field(
-            description="s3://bucket/key or file:///absolute/path. Only locations the reader is "
-            "configured to trust are read (UNTRUSTED_REFERENCE otherwise); the URL names the "
-            "object, never a host to connect to."
-        )
+    # Any visible ASCII here: whether a URL may be read is the reader's trust check, which
+    # answers every other URL, another scheme included, with one code (UNTRUSTED_REFERENCE).
+    url: Annotated[str, Field(min_length=1, max_length=2048, pattern=r"^[!-~]+$")] = Field(
+        description="s3://bucket/key or file:///absolute/path. Only locations the reader is "
+        "configured to trust are read (UNTRUSTED_REFERENCE otherwise); the URL names the "
+        "object, never a host to connect to."
     )
     nbytes: NonNegInt = Field(description="The object's exact size in bytes.")
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] = Field(
