@@ -207,6 +207,11 @@ class ConsumerSettings(BaseSettings):
         if self.ready_broker_window_s <= self.lag_interval_s:
             # An idle member talks to the broker only at each lag read: a shorter window flaps.
             raise ValueError("ready_broker_window_s must be above lag_interval_s")
+        if self.store_results_above_bytes > self.max_message_bytes - 64 * 1024:
+            # Factors kept in the record above that would be refused by the broker.
+            raise ValueError(
+                "store_results_above_bytes must be below max_message_bytes less 64 KiB"
+            )
         try:  # at start, not at the first request that names a reply topic
             re.compile(self.reply_topic_pattern)
         except re.error as exc:

@@ -257,21 +257,22 @@ def _exact(data: Any) -> Buffer:
     return memoryview(data)
 
 
+# The messages below go back to whoever sent the reference: they say that the object differs,
+# never what it holds instead (its real size or hash would let a producer that guessed a key
+# reference someone else's object correctly).
 def _check_size(actual: int, nbytes: int, url: str, request_id: str | None) -> None:
     if actual != nbytes:
         raise ObjectMismatch(
-            f"{url[:300]} is {actual} bytes; the reference says {nbytes}", request_id=request_id
+            f"{url[:300]} is not {nbytes} bytes long, as the reference says", request_id=request_id
         )
 
 
 def _verify(data: Buffer, nbytes: int, sha256: str, url: str, request_id: str | None) -> None:
     view = memoryview(data)
     _check_size(view.nbytes, nbytes, url, request_id)
-    actual = hashlib.sha256(view).hexdigest()
-    if actual != sha256.lower():
+    if hashlib.sha256(view).hexdigest() != sha256.lower():
         raise ObjectMismatch(
-            f"{url[:300]} has sha256 {actual}; the reference says {sha256[:64]}",
-            request_id=request_id,
+            f"{url[:300]} does not have the sha256 the reference says", request_id=request_id
         )
 
 

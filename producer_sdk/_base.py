@@ -238,7 +238,10 @@ class BaseSvdClient(ABC):
         stores = self.settings.stores_payloads
         # Decided from the matrix's size: stored requests are encoded binary, their bytes become
         # the object and their svd-meta the request that references it.
-        nbytes = matrix.nbytes if isinstance(matrix, np.ndarray) else None
+        # What it will weigh on the wire: integers become float64 (``_wire.as_matrix``).
+        nbytes = None
+        if isinstance(matrix, np.ndarray):
+            nbytes = matrix.size * 8 if matrix.dtype.kind in "iub" else matrix.nbytes
         to_store = stores and (nbytes is None or nbytes > self.settings.store_above_bytes)
 
         def build() -> EncodedMessage:

@@ -743,10 +743,14 @@ def load_stored_result(result: StoredResult, data: Buffer) -> DecodedResult:
 
 def to_stored(message: EncodedMessage, ref: ObjectRef) -> EncodedMessage:
     """A binary request (``encode_request``) whose value was stored as ``ref``, as the version 2
-    JSON request that references it instead of carrying it."""
+    JSON request that references it instead of carrying it (its answer still binary, unless the
+    request named another ``result_encoding``)."""
     raw = dict(message.headers)[SVD_META]
     body = orjson.loads(raw)
     body["schema_version"] = STORED_PAYLOADS_VERSION
+    # Answered as the binary request it was: a JSON answer of factors just under the store
+    # threshold would be several times larger than the record it has to fit.
+    body.setdefault("result_encoding", Encoding.BINARY.value)
     matrix = body.pop("matrix")
     matrix["ref"] = ref.model_dump(mode="json")
     body["matrix"] = matrix  # last, as everywhere

@@ -304,10 +304,17 @@ def test_a_stored_request_is_charged_its_matrix_and_its_stored_factors_before_an
     assert ticket.request_id == "stored-1"  # read with the reference, for the logs
 
 
-def test_a_stored_request_with_small_factors_gets_room_for_its_json_answer() -> None:
+def test_a_stored_request_with_small_factors_gets_room_for_its_answer_in_the_record() -> None:
     record = _stored_record((2048, 2048), options={"compute_uv": False})
     ticket = price(record, LIMITS, store_results_above=512 * 1024)
     assert ticket.stored_bytes == 2048 * 2048 * 8  # only the matrix: S travels inline
+    # Binary, as the request it was converted from (codec.to_stored): S's 2048 float64 values.
+    assert ticket.answer_bytes == 2048 * 8
+
+
+def test_a_stored_request_that_asks_for_json_gets_room_for_json() -> None:
+    record = _stored_record((2048, 2048), options={"compute_uv": False}, result_encoding="json")
+    ticket = price(record, LIMITS, store_results_above=512 * 1024)
     assert ticket.answer_bytes == codec.result_bytes(
         (2048, 2048), k=None, full_matrices=False, compute_uv=False, itemsize=8,
         encoding=codec.Encoding.JSON,
