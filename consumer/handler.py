@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
@@ -29,10 +29,12 @@ from consumer.retry import Backoff
 from consumer.settings import ConsumerSettings
 from consumer.transactions import NotDelivered, TransactionalOutbox
 from consumer.unreadable import UnreadableRecord
+from objectstore import PayloadStore, StoreError
 from schemas import codec
-from schemas.deadletter import DLQ_HEADERS
+from schemas.deadletter import DLQ_HEADERS, dead_letter_headers
 from schemas.errors import ErrorCode, SvdServiceError
-from schemas.models import DeadLetterMeta, ErrorResult
+from schemas.models import DeadLetterMeta, ErrorResult, ObjectRef
+from schemas.records import record_size
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,14 @@ class DeadLetter:
         return codec.encode_dead_letter(
             record.value, list(record.headers), self.meta, key=record.key, max_bytes=max_bytes
         )
+
+    def fits(self, max_bytes: int) -> bool:
+        """Whether the whole original fits a topic taking ``max_bytes`` (headers included)."""
+        record = self.record
+        headers = [(n, v or b"") for n, v in record.headers]
+        ours = dead_letter_headers(self.meta)
+        size = record_size(record.key or b"", record.value or b"", [*headers, *ours])
+        return size <= max_bytes
 
 
 @dataclass(frozen=True)
@@ -80,8 +90,10 @@ class RequestHandler:
         reply_topics: ReplyTopics | None = None,
         topic_limits: Mapping[str, int] | None = None,
         claims: Claims | None = None,
+        store: PayloadStore | None = None,
     ) -> None:
         self._settings = settings
+        self._store = store
         self._claims = claims if settings.delete_request_objects else None
         self._topic_limits = dict(topic_limits or {})  # consumer/topic_limits.py
         self._dispatcher = dispatcher
@@ -108,6 +120,7 @@ class RequestHandler:
                 outcome, delivery, computed = await self._compute(ticket)
                 reply_to, problem = await self._destination(outcome)
                 answer = self._answer(ticket, outcome, delivery, computed, reply_to, problem)
+                answer = await self._keep_original(ticket, answer)
                 delivered = await self._deliver(ticket, ledger, answer)
                 if delivered and answer.ok and isinstance(outcome, Answered):
                     self._stored(ticket, outcome)
@@ -189,6 +202,31 @@ class RequestHandler:
                 await self._outbox.skip(tp, ledger, record.offset)
             else:
                 ledger.finish(ticket.record.offset)
+
+    async def _keep_original(self, ticket: Ticket, answer: Answer) -> Answer:
+        """A dead letter that cannot hold its original (the dead-letter topic takes less than
+        the request topic did): with a store, the whole original goes there and the dead letter
+        references it, so the replay does not depend on the request topic's retention."""
+        dead = answer.dead_letter
+        value = ticket.record.value
+        if dead is None or self._store is None or not value:
+            return answer
+        if dead.fits(self._limit(self._settings.dlq_topic)):
+            return answer
+        record = ticket.record
+        key = f"dead-letters/{record.topic}/{record.partition}/{record.offset}"
+        try:
+            stored = await self._store.write_async(key, [value])
+        except StoreError as exc:
+            log.warning(
+                "could not keep the original of a dead letter too large for %s in the store "
+                "(%s); writing it cut down", self._settings.dlq_topic, exc.message,
+                extra=ticket.context,
+            )  # fmt: skip
+            return answer
+        ref = ObjectRef(url=stored.url, nbytes=stored.nbytes, sha256=stored.sha256)
+        meta = dead.meta.model_copy(update={"original_ref": ref})
+        return replace(answer, dead_letter=DeadLetter(dead.record, meta))
 
     def _stored(self, ticket: Ticket, outcome: Answered) -> None:
         """Count stored payloads; release the request's object once its answer is final."""

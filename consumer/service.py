@@ -92,11 +92,8 @@ class SvdService:
         self._hard_stop = asyncio.Event()
         self._requests = TaskSet(on_fatal=self._fatal)
         self._background = TaskSet(on_fatal=self._fatal)
-        self._claims = Claims(
-            PayloadStore(settings.store) if settings.store.enabled else None,
-            self._background,
-            self.metrics,
-        )
+        self._store = PayloadStore(settings.store) if settings.store.enabled else None
+        self._claims = Claims(self._store, self._background, self.metrics)
         self._fatal_error: BaseException | None = None
         self._received = 0
         self._answered = 0
@@ -208,7 +205,7 @@ class SvdService:
         log.info("output topics take records up to %s bytes", topic_limits or "unknown")
         self._handler = RequestHandler(
             s, self._dispatcher, publisher, m, self._outbox, reply_topics, topic_limits,
-            claims=self._claims,
+            claims=self._claims, store=self._store,
         )  # fmt: skip
         self._background.spawn(
             self._committer.every(s.commit_interval_s), name="committer", critical=True

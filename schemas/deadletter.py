@@ -9,15 +9,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import orjson
+
 from schemas._validation import is_decimal, validate
 from schemas.errors import ContractError, ErrorCode
 from schemas.headers import DLQ_PREFIX, ReceivedHeaders
-from schemas.models import DeadLetterMeta
+from schemas.models import DeadLetterMeta, ObjectRef
 from schemas.records import Buffer, EncodedMessage, record_size
 
 DLQ_HEADERS: dict[str, str] = {
     field: DLQ_PREFIX + field.replace("_", "-") for field in DeadLetterMeta.model_fields
 }
+# What version 1 dead letters carry: the same headers without the last (original-ref).
+_V1_HEADERS: dict[str, str] = dict(list(DLQ_HEADERS.items())[:-1])
 _INT_FIELDS = frozenset(
     {
         "schema_version",
@@ -49,6 +53,8 @@ def dead_letter_headers(meta: DeadLetterMeta) -> list[tuple[str, bytes]]:
         value = getattr(meta, field)
         if value is None:
             text = ""
+        elif isinstance(value, ObjectRef):
+            text = orjson.dumps(value.model_dump(mode="json")).decode()
         elif isinstance(value, bool):
             text = "true" if value else "false"
         else:
@@ -94,16 +100,20 @@ def encode_dead_letter(
 
 
 def read_dead_letter(value: Buffer | None, headers: ReceivedHeaders) -> DeadLetter:
-    """Split a DLQ record into the original value and headers and the DeadLetterMeta."""
-    count = len(DLQ_HEADERS)
-    ours = list(headers[-count:]) if len(headers) >= count else []
-    if [name for name, _ in ours] != list(DLQ_HEADERS.values()):
+    """Split a DLQ record into the original value and headers and the DeadLetterMeta (a
+    version 2 dead letter's twelve headers, or a version 1 one's eleven)."""
+    for names in (DLQ_HEADERS, _V1_HEADERS):
+        count = len(names)
+        ours = list(headers[-count:]) if len(headers) >= count else []
+        if [name for name, _ in ours] == list(names.values()):
+            break
+    else:
         raise ContractError(
             ErrorCode.INVALID_SCHEMA,
-            f"not a dead letter: the last {count} headers must be {list(DLQ_HEADERS.values())}",
+            f"not a dead letter: the last headers must be {list(DLQ_HEADERS.values())}",
         )
     fields: dict[str, object] = {}
-    for field, (_, raw) in zip(DLQ_HEADERS, ours, strict=True):
+    for field, (_, raw) in zip(names, ours, strict=True):
         text = (raw or b"").decode("utf-8", "replace")
         if field in _BOOL_FIELDS:
             if text not in ("true", "false"):
@@ -111,8 +121,15 @@ def read_dead_letter(value: Buffer | None, headers: ReceivedHeaders) -> DeadLett
                     ErrorCode.INVALID_SCHEMA, f"{DLQ_HEADERS[field]}: {text!r} is not true or false"
                 )
             fields[field] = text == "true"
-        elif field == "value_bytes" and not text:
-            continue  # unknown: the record could not be read
+        elif field in ("value_bytes", "original_ref") and not text:
+            continue  # unknown (the record could not be read), or nothing stored
+        elif field == "original_ref":
+            try:
+                fields[field] = orjson.loads(text)
+            except orjson.JSONDecodeError:
+                raise ContractError(
+                    ErrorCode.INVALID_SCHEMA, f"{DLQ_HEADERS[field]}: not JSON"
+                ) from None
         elif field in _INT_FIELDS:
             if not is_decimal(text):
                 raise ContractError(

@@ -33,6 +33,8 @@ from schemas.errors import ErrorCode, SvdServiceError
 SCHEMA_VERSION: Final = 2
 STORED_PAYLOADS_VERSION: Final = 2
 ERROR_SCHEMA_VERSION: Final = 1
+#: Dead letters: version 2 appends svd-dlq-original-ref (twelve headers); version 1 had eleven.
+DEAD_LETTER_VERSION: Final = 2
 SUPPORTED_SCHEMA_VERSIONS: frozenset[int] = frozenset({1, 2})
 
 Dtype: TypeAlias = Literal["float32", "float64"]
@@ -640,7 +642,7 @@ class DeadLetterMeta(_Wire):
 
     model_config = ConfigDict(json_schema_extra=_also_required("schema_version"))
 
-    schema_version: ErrorSchemaVersion = ERROR_SCHEMA_VERSION
+    schema_version: SchemaVersion = DEAD_LETTER_VERSION
     code: ErrorCode = Field(strict=False)
     reason: Message
     source_topic: TopicName
@@ -661,5 +663,14 @@ class DeadLetterMeta(_Wire):
             "True when the dead letter does not hold the whole original record: its value is a "
             "prefix and its original headers may be cut (it did not fit the dead-letter topic), "
             "or the record could not be read at all."
+        ),
+    )
+    # Last: version 2's one addition, so a version 1 reader's eleven are a prefix of ours.
+    original_ref: ObjectRef | None = Field(
+        default=None,
+        description=(
+            "Where the whole original value is kept when the dead letter could not hold it "
+            "(a service with an object store): the header holds the reference as compact JSON; "
+            "empty otherwise."
         ),
     )

@@ -18,12 +18,14 @@ import numpy as np
 import obstore
 import orjson
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from localkafka import TopicSettings, ensure_topics
 from producer_sdk import AsyncSvdClient, SvdInvalidRequest, SvdResult
+from schemas import codec
 from schemas.errors import ErrorCode
 from tests.conftest import ObjectStoreEndpoint
-from tests.support.kafka_io import AnswerReader, produce
+from tests.support.kafka_io import AnswerReader, make_request, produce
 from tests.support.scrape import Endpoint
 from tests.support.service import ServiceProcess
 from tests.support.stored import StorePrefix
@@ -180,3 +182,46 @@ async def test_references_the_service_must_not_follow_are_refused_and_dead_lette
         hashlib.sha256(kept).hexdigest()
         == orjson.loads(nan_message.value)["matrix"]["ref"]["sha256"]
     )
+
+
+async def test_a_dead_letter_too_large_for_its_topic_references_its_whole_original(
+    kafka_bootstrap: str, object_store: ObjectStoreEndpoint, tmp_path: Path
+) -> None:
+    # The dead-letter topic takes 256 KiB; the failing request is a 2 MiB binary matrix.
+    suffix = uuid.uuid4().hex[:10]
+    topics = TopicSettings(
+        requests=f"dl-requests-{suffix}", results=f"dl-results-{suffix}", dlq=f"dl-dlq-{suffix}"
+    )
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([
+            NewTopic(topics.requests, 1, 1, topic_configs={"max.message.bytes": str(64 << 20)}),
+            NewTopic(topics.results, 1, 1, topic_configs={"max.message.bytes": str(64 << 20)}),
+            NewTopic(topics.dlq, 1, 1, topic_configs={"max.message.bytes": str(256 << 10)}),
+        ])  # fmt: skip
+    finally:
+        await admin.close()
+    prefix = StorePrefix.new(object_store)
+    a = RNG.standard_normal((512, 512))
+    a[7, 9] = np.nan  # NON_FINITE: a failure, so a dead letter
+    request_id, clean = make_request(np.zeros((512, 512)))
+    poisoned = codec.EncodedMessage(clean.key, a.astype("<f8").tobytes(), list(clean.headers))
+    service = ServiceProcess(
+        kafka_bootstrap, topics, tmp_path / "svc.log", extra_env=prefix.service_env, pool_size=1
+    )
+    async with AnswerReader(kafka_bootstrap, topics) as reader:
+        with service:
+            service.wait_ready()
+            await produce(kafka_bootstrap, topics.requests, [poisoned])
+            answers = await reader.collect({request_id}, dead_letters=1)
+    assert answers.errors[request_id][0].code == ErrorCode.NON_FINITE
+    (dead,) = answers.dead_letters
+    assert dead.meta.truncated and dead.meta.value_bytes == len(poisoned.value)
+    ref = dead.meta.original_ref
+    assert ref is not None, "the dead letter does not reference its original"
+    assert ref.url == f"{prefix.url}/dead-letters/{topics.requests}/0/0"
+    kept = obstore.get(object_store.client(), ref.url.removeprefix(f"s3://{object_store.bucket}/"))
+    data = bytes(kept.bytes())
+    assert data == poisoned.value
+    assert (len(data), hashlib.sha256(data).hexdigest()) == (ref.nbytes, ref.sha256)

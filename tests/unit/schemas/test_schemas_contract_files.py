@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shlex
@@ -36,6 +37,7 @@ from schemas import (
     encode_result,
     topics,
 )
+from schemas.codec import StoredResult, load_stored_request, load_stored_result
 from schemas.export import SCHEMA_DIR, SCHEMAS, render, stale
 from tests.unit.schemas.builders import JSON
 from tests.unit.schemas.test_schemas_rejections import CASES
@@ -289,3 +291,75 @@ def test_documented_kcat_binary_command_sends_a_valid_request() -> None:
     decoded = decode_request(_printf_bytes(script), headers)
     assert decoded.encoding is Encoding.BINARY
     assert argv[argv.index("-k") + 1] == decoded.meta.request_id == "demo-0002"
+
+
+# --- stored payloads (schema_version 2): the references section and its walk-through
+
+
+def _od_float64(text: str) -> bytes:
+    """The bytes that `od -A d -t f8` printed: every number after the offset of each line."""
+    numbers = [float(n) for line in text.splitlines() for n in line.split()[1:]]
+    return np.array(numbers, dtype="<f8").tobytes()
+
+
+def test_documented_stored_request_references_the_walkthrough_bytes() -> None:
+    examples = _examples()
+    body = examples["stored-request.json"].encode()
+    validator("svd-request.json").validate(orjson.loads(body))
+    decoded = decode_request(body, JSON)
+    ref = decoded.stored
+    assert ref is not None and decoded.matrix is None and decoded.meta.schema_version == 2
+    value = _printf_bytes(examples["kcat-stored"])
+    assert len(value) == ref.nbytes and hashlib.sha256(value).hexdigest() == ref.sha256
+    loaded = load_stored_request(decoded, value)
+    assert loaded.matrix.tolist() == [[3, 2, 2], [2, 3, -2]]
+
+
+def test_documented_kcat_stored_command_sends_the_stored_request() -> None:
+    examples = _examples()
+    script = examples["kcat-stored"]
+    argv, headers, file = _kcat_producer_args(script)
+    assert argv[argv.index("-t") + 1] == topics.REQUESTS and file == "request.json"
+    assert dict(headers)["svd-schema-version"] == b"2"
+    body = re.search(r"<<'EOF'\n(.*?)\nEOF", script, flags=re.S)
+    assert body is not None
+    assert orjson.loads(body.group(1)) == orjson.loads(examples["stored-request.json"])
+    decoded = decode_request(body.group(1).encode(), headers)
+    assert decoded.encoding is Encoding.JSON and decoded.stored is not None
+    assert argv[argv.index("-k") + 1] == decoded.meta.request_id
+    # The object's key is the one the curl upload writes.
+    assert decoded.stored.url.removeprefix("s3://") in script
+
+
+def test_documented_stored_sparse_request_references_the_sparse_bytes() -> None:
+    examples = _examples()
+    body = examples["stored-sparse-request.json"].strip().encode()
+    validator("svd-request.json").validate(orjson.loads(body))
+    decoded = decode_request(body, JSON)
+    ref = decoded.stored
+    assert ref is not None
+    value = _printf_bytes(examples["kcat-sparse"])
+    assert len(value) == ref.nbytes and hashlib.sha256(value).hexdigest() == ref.sha256
+    loaded = load_stored_request(decoded, value)
+    assert loaded.matrix is not None and not isinstance(loaded.matrix, np.ndarray)
+    dense = loaded.matrix.toarray()
+    assert dense.tolist() == [[1, 0, 2, 0], [0, 0, 3, 0], [4, 5, 0, 6]]
+
+
+def test_documented_stored_result_is_the_svd_in_the_od_output() -> None:
+    examples = _examples()
+    body = examples["stored-result.json"].encode()
+    validator("svd-result-stored.json").validate(orjson.loads(body))
+    reply = decode_reply(body, JSON)
+    assert isinstance(reply, StoredResult) and reply.meta.schema_version == 2
+    data = _od_float64(examples["stored-factors.txt"])
+    assert len(data) == reply.ref.nbytes
+    assert hashlib.sha256(data).hexdigest() == reply.ref.sha256
+    result = load_stored_result(reply, data)
+    assert result.u is not None and result.vt is not None
+    a = decode_request(examples["request.json"].encode(), JSON).matrix
+    assert np.allclose(result.u @ np.diag(result.s) @ result.vt, a)
+    # The same factors as the inline JSON result of the same matrix.
+    inline = decode_reply(examples["result.json"].encode(), JSON)
+    assert isinstance(inline, DecodedResult)
+    assert result.s.tolist() == inline.s.tolist()
