@@ -100,19 +100,22 @@ async def test_the_store_down_and_back_delays_stored_requests_and_loses_none(
     assert prefix.count("results/") == len(requests), prefix.keys("results/")
 
 
+@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
 async def test_the_consumer_killed_while_reading_and_writing_the_store_loses_nothing(
     kafka_bootstrap: str,
     topics: TopicSettings,
     tmp_path: Path,
     prefix: StorePrefix,
     fault_report: Callable[[str, str], str],
+    guarantee: str,
 ) -> None:
     requests = _requests(prefix, 12, seed=2)
-    settings = _settings(prefix, group_id=f"g-{topics.requests}")
+    settings = _settings(prefix, group_id=f"g-{topics.requests}", processing_guarantee=guarantee)
     first = ServiceProcess(
         kafka_bootstrap, topics, tmp_path / "first.log", extra_env=prefix.service_env, **settings
     )
-    async with TallyReader(kafka_bootstrap, topics) as reader:
+    isolation = "read_committed" if guarantee == "exactly_once" else "read_uncommitted"
+    async with TallyReader(kafka_bootstrap, topics, isolation_level=isolation) as reader:
         with first:
             first.wait_ready()
             await send_all(kafka_bootstrap, topics.requests, requests.values())
@@ -131,8 +134,8 @@ async def test_the_consumer_killed_while_reading_and_writing_the_store_loses_not
             tally = await reader.read_to_end()
             prefix.wait_count(0, "requests/")
     report = fault_report(
-        f"consumer SIGKILLed with a worker busy on a stored {N}x{N} request "
-        f"({answered_before} of {len(requests)} answered before)",
+        f"consumer SIGKILLed with a worker busy on a stored {N}x{N} request ({guarantee}; "
+        f"{answered_before} of {len(requests)} answered before)",
         counts_line(
             sent=len(requests), answered=len(tally.answered() & set(requests)),
             duplicates=tally.duplicates(set(requests)), dead_lettered=len(tally.dead_letters),
@@ -141,6 +144,8 @@ async def test_the_consumer_killed_while_reading_and_writing_the_store_loses_not
     )  # fmt: skip
     assert tally.ok() >= set(requests), report
     assert not tally.dead_letters, report
+    if guarantee == "exactly_once":
+        assert tally.duplicates(set(requests)) == 0, report
     # Redone requests wrote their results again under the same keys: one object each.
     assert prefix.count("results/") == len(requests), prefix.keys("results/")
 
