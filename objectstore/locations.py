@@ -25,6 +25,9 @@ _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 # differently: letters, digits and ``! - _ . * ' ( ) = + , @`` in ``/``-separated segments.
 _SEGMENT = re.compile(r"^[A-Za-z0-9!_.*'()=+,@-]+$")
 _MAX_KEY_BYTES = 1024
+# A segment is a file name on filesystem-backed stores (a file:// root, S3Proxy, MinIO): longer
+# ones fail there with an I/O error, which would read as the store being down.
+_MAX_SEGMENT_BYTES = 255
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +124,8 @@ def _check_key(key: str, refuse: object, *, allow_empty: bool) -> None:
             raise refuse(
                 "path segments are letters, digits and !_.*'()=+,@- (no empty, . or .. segment)"
             )
+        if len(segment) > _MAX_SEGMENT_BYTES:
+            raise refuse(f"a path segment is longer than {_MAX_SEGMENT_BYTES} bytes")
 
 
 class Trust:

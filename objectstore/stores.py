@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import stat
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -292,9 +293,15 @@ def _nonempty(chunks: Sequence[Buffer]) -> list[memoryview]:
 
 def _read_file(path: Path, nbytes: int, url: str, request_id: str | None) -> Buffer:
     # O_NOFOLLOW on the last component: the path was resolved, so a link now is a swap.
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    # O_NONBLOCK: opening a FIFO someone put in the root would otherwise block for ever; only a
+    # regular file is read.
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags)
     with os.fdopen(fd, "rb", buffering=0) as f:
-        _check_size(os.fstat(fd).st_size, nbytes, url, request_id)
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ObjectMissing(f"{url[:300]} is not a regular file", request_id=request_id)
+        _check_size(info.st_size, nbytes, url, request_id)
         view = np.empty(nbytes, dtype=np.uint8).data
         got = 0
         while got < nbytes:

@@ -379,6 +379,18 @@ def _contract_error(exc: ValidationError, what: str, request_id: str | None) -> 
             problems.append(
                 (ErrorCode.INVALID_SHAPE, f"{where}: {err['msg']} (a 2-D, non-empty [rows, cols])")
             )
+        elif kind == "union_tag_invalid" and str(err.get("ctx", {}).get("tag", "")).startswith(
+            "stored"
+        ):
+            problems.append(
+                (
+                    ErrorCode.INVALID_SCHEMA,
+                    f"{where}.ref: a reference travels in a JSON request (content-type "
+                    "application/json), not in a binary request's svd-meta",
+                )
+            )
+        elif not loc:  # the whole object: ``what`` already says which
+            problems.append((ErrorCode.INVALID_SCHEMA, err["msg"]))
         else:
             problems.append((ErrorCode.INVALID_SCHEMA, f"{where}: {err['msg']}"))
     code = min((c for c, _ in problems), key=_PRIORITY.index, default=ErrorCode.INVALID_SCHEMA)

@@ -245,7 +245,7 @@ def check_stored(meta: SvdRequestMeta, nbytes: int, limits: DecodeLimits) -> Non
     if not isinstance(spec, SparseBinaryMatrix):  # the discriminator guarantees it
         raise ContractError(ErrorCode.INVALID_SCHEMA, "matrix is not a stored sparse matrix")
     _check_limits(meta, spec, spec.nnz, spec.index_dtype, limits)
-    _check_layout(spec, nbytes, meta.request_id)
+    _check_layout(spec, nbytes, meta.request_id, "the object (matrix.ref.nbytes)")
 
 
 def decode_binary(
@@ -379,7 +379,7 @@ def _length_error(
 
 
 def _check_layout(
-    spec: SparseBinaryMatrix, size: int, request_id: str | None
+    spec: SparseBinaryMatrix, size: int, request_id: str | None, what: str = "value"
 ) -> dict[str, tuple[ByteRange, np.dtype[Any], int]]:
     """Each array exactly sized, inside the value, none overlapping, nothing left over."""
     lengths = _expected_lengths(spec.format, spec.shape, spec.nnz)
@@ -409,7 +409,7 @@ def _check_layout(
     if end != size:
         raise ContractError(
             ErrorCode.SHAPE_MISMATCH,
-            f"value is {size} bytes; the arrays described end at byte {end}",
+            f"{what} is {size} bytes; the arrays described end at byte {end}",
             request_id=request_id,
         )
     return placed

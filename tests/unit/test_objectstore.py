@@ -182,3 +182,15 @@ def test_the_async_api_reads_and_writes_the_same_objects(tmp_path: Path) -> None
 def test_trust_without_locations_refuses_everything() -> None:
     with pytest.raises(UntrustedLocation, match="no store configured"):
         Trust(()).check("s3://svd-payloads/a", None)
+
+
+def test_a_fifo_in_the_root_is_refused_without_blocking(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(ObjectMissing, match="not a regular file"):
+        _store(tmp_path).read(f"file://{tmp_path}/pipe", 8, "0" * 64)
+
+
+def test_a_segment_longer_than_a_file_name_is_refused_not_fetched() -> None:
+    store = PayloadStore(StoreSettings(url="s3://svd-payloads"))
+    with pytest.raises(UntrustedLocation, match="longer than 255"):
+        store.read("s3://svd-payloads/" + "a" * 256, 8, "0" * 64)
