@@ -2,15 +2,19 @@
 
 The corpus is data; this module is its small vocabulary. A case (see the header of corpus.yaml)
 names a record and what the service owes it. ``expand`` turns cases into records (one per codec
-and per ``each`` value) without building any bytes; ``build`` makes the bytes of one record.
+and per ``each`` value) without building any bytes; ``build`` makes the bytes of one record, and
+of the objects it references (schema_version 2's claim check), which the test puts in a real
+store before producing the record.
 
 Bytes are made by hand (orjson, struct-free numpy, raw text), never with the project's codec, so
-a bad record is exactly as bad as the corpus says.
+a bad record is exactly as bad as the corpus says. Everything is deterministic but the places a
+run fills in: its topics, and where its objects go (``places``).
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import re
@@ -34,8 +38,12 @@ COMPUTE_CODES = frozenset({"SVD_FAILED", "RESULT_OVERFLOW", "TIMEOUT", "WORKER_C
 # Codes no record can trigger on purpose: the service's own faults, its time limit, and a record
 # it cannot read from Kafka at all (the broker checks every batch's CRC on produce, and the
 # service reads every codec a producer can use; tests/faults/test_unreadable.py covers it).
-NOT_FROM_INPUT = frozenset({"TIMEOUT", "WORKER_CRASHED", "INTERNAL", "UNREADABLE_RECORD"})
-RETRYABLE = frozenset({"EXPIRED", "INTERNAL"})
+# STORE_UNAVAILABLE is the store's state, not the request's: the service waits out an unreachable
+# store (SVD_STORE_OUTAGE_S) and only then answers it; tests/faults covers the store down and back.
+NOT_FROM_INPUT = frozenset(
+    {"TIMEOUT", "WORKER_CRASHED", "INTERNAL", "UNREADABLE_RECORD", "STORE_UNAVAILABLE"}
+)
+RETRYABLE = frozenset({"EXPIRED", "INTERNAL", "STORE_UNAVAILABLE"})
 # The limits the test runs the service with (the corpus's sizes are chosen against them).
 SERVICE_MESSAGE_BYTES = 2 * 1024 * 1024  # SVD_MAX_MESSAGE_BYTES
 DLQ_MESSAGE_BYTES = 1024 * 1024  # max.message.bytes of the dead-letter topic
@@ -54,14 +62,38 @@ _CASE_FIELDS = frozenset(
     {
         "name", "why", "key", "value", "headers", "extra_headers", "meta", "meta_text",
         "truncate", "codecs", "each", "request_id", "shared_id", "answer", "answer_topic",
-        "dead_letter", "attempts", "code",
+        "dead_letter", "attempts", "code", "object", "stored", "result",
     }
 )  # fmt: skip
-# Placeholders a case may use in text; the test fills in the topics of its run.
-_NAMES = "id|each|results|requests|dlq|reply|other"
+RESULTS = ("inline", "stored")
+# Placeholders a case may use in text; the test fills in the topics and places of its run.
+_NAMES = (
+    "id|each|results|requests|dlq|reply|other|store|elsewhere|bucket|root|outside|object|key|name"
+)
 # $name, or ${name} when letters follow
 _PLACEHOLDER = re.compile(rf"\$(?:\{{({_NAMES})\}}|({_NAMES})\b)")
 _RAW = re.compile(rb'"@@raw(\d+)@@"')
+# A string that is exactly this, anywhere in a request, json or meta tree, becomes the record's
+# object reference {url, nbytes, sha256}.
+REF = "$ref"
+
+
+def places(bucket: str, run: str, directory: str) -> dict[str, str]:
+    """A run's places: the service's own location ``$store`` (s3://bucket/<run>/svc), a prefix of
+    the same bucket the service does not trust (``$elsewhere``), a directory it trusts (``$root``,
+    file://) and a sibling it does not (``$outside``). ``directory``: absolute, no trailing /."""
+    return {
+        "store": f"s3://{bucket}/{run}/svc",
+        "elsewhere": f"s3://{bucket}/{run}/elsewhere",
+        "bucket": bucket,
+        "root": f"{directory}/files",
+        "outside": f"{directory}/outside",
+    }
+
+
+# The places of a run as the unit tests see them; the integration test makes its own, under a
+# prefix of its own in the session's bucket and a directory of its own.
+EXAMPLE_PLACES = places("svd-payloads", "adv-run", "/srv/adv-run")
 
 
 class CorpusError(ValueError):
@@ -87,6 +119,16 @@ class Case:
     answer_topic: str  # "results" or "reply"
     dead_letter: str  # "none", "exact" or "truncated"
     attempts: str  # "0", ">=1" or "-" (no dead letter)
+    result: str = "inline"  # an ok answer's factors: in the record, or "stored" (factors_ref)
+
+
+@dataclass(frozen=True)
+class Upload:
+    """An object to put in the store (or a file to write) before the corpus is produced."""
+
+    url: str  # s3://<bucket>/<key> or file:///<path>
+    data: bytes
+    link: str | None = None  # file:// only: a symbolic link to this path instead of data
 
 
 @dataclass
@@ -101,6 +143,10 @@ class Record:
     # the request's options as sent (None when the request is not a valid one).
     matrix: np.ndarray[Any, Any] | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    # The objects it references (and decoys), put in place before the record is produced.
+    uploads: list[Upload] = field(default_factory=list)
+    # The URL its matrix.ref names (value or svd-meta), if it names one.
+    reference: str | None = None
 
     @property
     def name(self) -> str:
@@ -166,6 +212,12 @@ def _case(group: str, entry: Mapping[str, Any], suffix: str, codec: str, each: s
         code = None if answer == "ok" else answer
     explicit = entry.get("request_id")
     ident = (explicit + suffix) if explicit else f"adv-{name}"
+    result = str(entry.get("result", "inline"))
+    if result not in RESULTS or (result == "stored" and answer != "ok"):
+        raise CorpusError(f"case {name!r}: result must be one of {RESULTS}, stored only if ok")
+    uses = str(entry["value"]) + str(entry.get("meta"))
+    if ("stored" in entry or REF in uses or "stored_request" in uses) and "object" not in entry:
+        raise CorpusError(f"case {name!r}: stored, stored_request and $ref need an object")
     dead_letter = entry.get("dead_letter", "none" if answer == "ok" else "exact")
     if dead_letter not in DEAD_LETTERS:
         raise CorpusError(f"case {name!r}: dead_letter must be one of {DEAD_LETTERS}")
@@ -192,6 +244,7 @@ def _case(group: str, entry: Mapping[str, Any], suffix: str, codec: str, each: s
         answer_topic=answer_topic,
         dead_letter=dead_letter,
         attempts=attempts,
+        result=result,
     )
 
 
@@ -203,7 +256,13 @@ class _Builder:
 
     def __init__(self, case: Case, topics: Mapping[str, str]) -> None:
         self.case = case
-        self.topics = topics
+        self.topics = {**EXAMPLE_PLACES, **topics}
+        # The stored object of the case (``object``): its bytes, its matrix as svd-meta would
+        # describe it, the dense matrix, and the reference to it.
+        self.object: bytes | None = None
+        self.object_matrix: dict[str, Any] | None = None
+        self.object_dense: np.ndarray[Any, Any] | None = None
+        self.ref: dict[str, Any] | None = None
         self.rng = np.random.default_rng(zlib.crc32(case.name.encode()))
         self.raw: list[str] = []
         self.binary_matrix: dict[str, Any] | None = None  # svd-meta "matrix" of a binary part
@@ -220,6 +279,13 @@ class _Builder:
                 if self.case.each is None:
                     raise CorpusError(f"{self.case.name}: $each outside an `each` case")
                 return self.case.each
+            if name == "name":
+                return self.case.name
+            if name == "object":  # this record's own object, in the service's location
+                return f"{self.topics['store']}/obj/{self.case.name}"
+            if name == "key":  # the same object's key in the bucket
+                prefix = f"s3://{self.topics['bucket']}/"
+                return f"{self.topics['store']}/obj/{self.case.name}".removeprefix(prefix)
             return self.topics[name]
 
         # $each first: its text may hold other placeholders.
@@ -230,6 +296,10 @@ class _Builder:
     def sub_tree(self, node: Any) -> Any:
         """Fill placeholders in every string (keys too) of a tree from the corpus."""
         if isinstance(node, str):
+            if node == REF:
+                if self.ref is None:
+                    raise CorpusError(f"{self.case.name}: $ref without an object")
+                return dict(self.ref)
             return self.sub(node)
         if isinstance(node, list):
             return [self.sub_tree(x) for x in node]
@@ -272,6 +342,8 @@ class _Builder:
         arg = self.sub_tree(spec[kind])
         if kind == "request":
             data = self.request(arg or {})
+        elif kind == "stored_request":
+            data = self.stored_request(arg or {})
         elif kind == "json":
             data = self.dumps(arg)
         elif kind == "text":
@@ -301,6 +373,61 @@ class _Builder:
         if isinstance(matrix, dict) and "fill" in matrix:
             matrix["data"] = self.fill(matrix)
         return self.dumps(tree)
+
+    def stored_request(self, overrides: Mapping[str, Any]) -> bytes:
+        """A version 2 JSON request whose matrix is the case's object: its svd-meta description
+        plus ``ref``, deep-merged with ``overrides``."""
+        if self.ref is None or self.object_matrix is None:
+            raise CorpusError(f"{self.case.name}: stored_request needs a binary or sparse object")
+        base = {
+            "schema_version": 2,
+            "request_id": self.case.id,
+            "matrix": {**copy.deepcopy(self.object_matrix), "ref": dict(self.ref)},
+        }
+        return self.dumps(merge(base, overrides))
+
+    def stored_object(self) -> None:
+        """Build the case's object (``object``, a value) and the reference to it, at $object."""
+        spec = self.case.spec
+        if "object" not in spec:
+            return
+        maker = _Builder(self.case, self.topics)
+        data = maker.value(spec["object"]) or b""
+        self.object = data
+        self.object_matrix = maker.binary_matrix
+        self.object_dense = maker.matrix
+        self.ref = {
+            "url": self.sub("$object"),
+            "nbytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+        }
+
+    def uploads(self) -> list[Upload]:
+        """What goes in the store for the case (``stored``; default: its object at $object)."""
+        spec = self.case.spec
+        if self.object is None:
+            return []
+        wanted = spec.get("stored", [{}])
+        if not isinstance(wanted, list):
+            wanted = [wanted]
+        out = []
+        for entry in wanted:
+            unknown = set(entry) - {"url", "cut", "append", "bytes", "link"}
+            if unknown:
+                raise CorpusError(f"{self.case.name}: unknown stored fields {sorted(unknown)}")
+            url = self.sub(str(entry.get("url", "$object")))
+            data = self.object
+            if "bytes" in entry:
+                data = _Builder(self.case, self.topics).value(entry["bytes"]) or b""
+            if "cut" in entry:
+                data = data[: int(entry["cut"])]
+            if "append" in entry:
+                data += _Builder(self.case, self.topics).value(entry["append"]) or b""
+            link = self.sub(str(entry["link"])) if "link" in entry else None
+            if link is not None and not url.startswith("file://"):
+                raise CorpusError(f"{self.case.name}: only a file:// object can be a link")
+            out.append(Upload(url, data, link))
+        return out
 
     def fill(self, matrix: dict[str, Any]) -> list[Any]:
         """Generated data for a JSON matrix; pops fill, count and set."""
@@ -431,6 +558,7 @@ class _Builder:
 
     def build(self) -> Record:
         spec = self.case.spec
+        self.stored_object()
         value = self.value(spec["value"])
         truncate = spec.get("truncate")
         if truncate is not None and value is not None:
@@ -440,13 +568,19 @@ class _Builder:
         meta = self.meta() if binary else None
         key = self.blob(spec["key"]) if "key" in spec else self.case.id.encode()
         record = Record(case=self.case, key=key, value=value, headers=self.headers(meta))
+        record.uploads = self.uploads()
+        record.reference = _reference(meta if binary else value)
         if self.case.answer == "ok":
             # What the service will read, read back from the bytes (Python's json: big integers
             # and escapes as any JSON reader sees them).
             request = json.loads(meta if binary else (value or b""))
             options = request.get("options") or {}
             record.options = dict(options)
-            if not binary:
+            if not binary and "ref" in request["matrix"]:
+                if self.object_dense is None:
+                    raise CorpusError(f"{self.case.name}: an ok stored record needs its matrix")
+                record.matrix = self.object_dense
+            elif not binary:
                 record.matrix = inline_matrix(request["matrix"])
             elif self.matrix is not None:
                 record.matrix = self.matrix
@@ -464,6 +598,16 @@ def build_all(topics: Mapping[str, str], corpus: Mapping[str, Any] | None = None
 
 
 # --------------------------------------------------------------------------------------- helpers
+
+
+def _reference(text: bytes | None) -> str | None:
+    """matrix.ref.url of a JSON request or svd-meta, read leniently; None if it has none."""
+    try:
+        tree = json.loads(text or b"")
+        url = tree["matrix"]["ref"]["url"]
+    except (ValueError, TypeError, KeyError, RecursionError):
+        return None
+    return url if isinstance(url, str) else None
 
 
 def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:

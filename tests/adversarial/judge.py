@@ -3,11 +3,15 @@
 Pure functions over records sent (with their partition and offset) and records read back from
 the results, reply and dead-letter topics. Answers and dead letters are read leniently (plain
 JSON and header lists, not the project's models), so a code the models do not know yet, or a
-dead-letter header set that changed, is reported as a mismatch instead of an exception.
+dead-letter header set that changed, is reported as a mismatch instead of an exception. A result
+whose factors are stored (factors_ref) is judged from the object's bytes, which the caller read
+from the store: their size and sha256 against the reference, then the numbers. So is the whole
+original a truncated dead letter references (svd-dlq-original-ref) when the service has a store.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -28,6 +32,9 @@ DLQ_REQUIRED = (
     "svd-dlq-source-partition", "svd-dlq-source-offset", "svd-dlq-attempts",
     "svd-dlq-request-id", "svd-dlq-timestamp-ms", "svd-dlq-truncated", "svd-dlq-value-bytes",
 )  # fmt: skip
+# Where a dead letter too large for its topic keeps its whole original, with a store (JSON
+# {url, nbytes, sha256}; empty or absent when the dead letter holds the original itself).
+DLQ_ORIGINAL_REF = "svd-dlq-original-ref"
 
 
 @dataclass(frozen=True)
@@ -69,6 +76,7 @@ class Answer:
     code: str | None = None  # None for a result
     retryable: object = None
     result: codec.DecodedResult | None = None
+    stored: codec.StoredResult | None = None  # factors in the store, not loaded (yet)
     problem: str | None = None
 
     @property
@@ -92,6 +100,24 @@ class DeadLetterSeen:
             )
         except (KeyError, ValueError):
             return None
+
+    @property
+    def original_ref(self) -> dict[str, Any] | str | None:
+        """The reference to the whole original ({url, nbytes, sha256}), None when there is
+        none, or what is wrong with the header."""
+        text = self.fields.get(DLQ_ORIGINAL_REF, "")
+        if not text:
+            return None
+        try:
+            ref = orjson.loads(text)
+            if isinstance(ref, dict) and all(
+                isinstance(ref.get(k), t)
+                for k, t in (("url", str), ("nbytes", int), ("sha256", str))
+            ):
+                return ref
+        except orjson.JSONDecodeError:
+            pass
+        return f"not a reference: {text[:100]!r}"
 
 
 @dataclass
@@ -135,7 +161,13 @@ def read_answer(seen: Seen, where: str) -> Answer:
             answer.code = str(meta.get("code"))
             answer.retryable = meta.get("retryable")
         elif answer.status == "ok":
-            answer.result = codec.decode_reply(seen.value or b"", seen.headers)  # type: ignore[assignment]
+            reply = codec.decode_reply(seen.value or b"", seen.headers)
+            if isinstance(reply, codec.StoredResult):
+                answer.stored = reply
+            elif isinstance(reply, codec.DecodedResult):
+                answer.result = reply
+            else:
+                raise ValueError(f"status ok read as {type(reply).__name__}")
         else:
             raise ValueError(f"status {answer.status!r}")
     except Exception as exc:
@@ -155,13 +187,47 @@ def read_dead_letter(seen: Seen) -> DeadLetterSeen | None:
 # ---------------------------------------------------------------------------------- judging
 
 
+def stored_results(seen: Iterable[Seen]) -> list[codec.StoredResult]:
+    """The answers among ``seen`` whose factors are in the store (to read before judging)."""
+    return [a.stored for a in (read_answer(s, s.topic) for s in seen) if a.stored is not None]
+
+
+def stored_originals(seen: Iterable[Seen], dlq: str) -> list[str]:
+    """The URLs of the originals that dead letters among ``seen`` (on ``dlq``) keep in the store
+    (to read before judging)."""
+    letters = (read_dead_letter(s) for s in seen if s.topic == dlq)
+    refs = (letter.original_ref for letter in letters if letter is not None)
+    return [ref["url"] for ref in refs if isinstance(ref, dict)]
+
+
+def load_stored(stored: codec.StoredResult, data: bytes | None) -> codec.DecodedResult | str:
+    """The result of a stored answer from its object's bytes, or why it cannot be had."""
+    ref = stored.ref
+    if data is None:
+        return f"{ref.url} could not be read"
+    if len(data) != ref.nbytes:
+        return f"{ref.url} is {len(data)} bytes; factors_ref says {ref.nbytes}"
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != ref.sha256:
+        return f"{ref.url} has sha256 {digest}; factors_ref says {ref.sha256}"
+    try:
+        return codec.load_stored_result(stored, data)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"[:200]
+
+
 def judge(
     sent: list[Sent],
     seen: list[Seen],
     topics: Mapping[str, str],
+    objects: Mapping[str, bytes | None] | None = None,
+    *,
+    originals_stored: bool = False,
 ) -> Verdict:
     """Every record's answers and dead letters against its case. ``topics``: results, reply,
-    dlq and requests by role."""
+    dlq and requests by role; ``objects``: the bytes of stored results and of dead letters'
+    originals by URL (None: unread); ``originals_stored``: the service has a store, so a
+    truncated dead letter must reference its whole original in it."""
     verdict = Verdict()
     role = {topics["results"]: "results", topics["reply"]: "reply"}
     answers: defaultdict[str | None, list[Answer]] = defaultdict(list)
@@ -182,6 +248,12 @@ def judge(
             dead[source[1:]].append(letter)
             continue
         answer = read_answer(s, role.get(s.topic, s.topic))
+        if answer.stored is not None:
+            loaded = load_stored(answer.stored, (objects or {}).get(answer.stored.ref.url))
+            if isinstance(loaded, str):
+                answer.problem = f"stored factors: {loaded}"
+            else:
+                answer.result = loaded
         verdict.answers += 1
         if answer.status == "ok":
             verdict.ok_answers += 1
@@ -200,7 +272,10 @@ def judge(
             verdict.add(f"dead letter of {topics['requests']}@{where[0]}:{where[1]}",
                         "stray-dead-letter", "a record of the corpus", "none sent there")  # fmt: skip
     for s in sent:
-        _judge_dead_letter(verdict, s, dead.get((s.partition, s.offset), []))
+        letters = dead.get((s.partition, s.offset), [])
+        _judge_dead_letter(verdict, s, letters)
+        if letters and s.record.case.dead_letter != "none":
+            _judge_original(verdict, s, letters[0], objects or {}, originals_stored)
     return verdict
 
 
@@ -222,6 +297,13 @@ def _judge_answers(
         for a in got_answers:
             if a.problem:
                 continue
+            if a.status == "ok":
+                # Only the case that asks for stored factors may get them, and it must.
+                owed = {s.record.case.result for s in sends if s.record.case.answer == "ok"}
+                got_kind = "stored" if a.stored is not None else "inline"
+                if owed and got_kind not in owed:
+                    verdict.add(names, "result-kind", f"factors {'/'.join(sorted(owed))}",
+                                f"factors {got_kind}")  # fmt: skip
             if a.seen.key != request_id.encode():
                 verdict.add(names, "answer-key", f"key {request_id!r}", f"key {a.seen.key!r}")
             if a.status == "error" and a.retryable is not (a.code in RETRYABLE):
@@ -310,6 +392,40 @@ def _judge_dead_letter(verdict: Verdict, sent: Sent, letters: list[DeadLetterSee
         if not (len(value) < len(original) and original.startswith(value)):
             verdict.add(name, "dead-letter-value", f"a strict prefix of {len(original)} bytes",
                         f"{len(value)} bytes, {'a prefix' if original.startswith(value) else 'different'}")  # fmt: skip
+
+
+def _judge_original(
+    verdict: Verdict,
+    sent: Sent,
+    letter: DeadLetterSeen,
+    objects: Mapping[str, bytes | None],
+    required: bool,
+) -> None:
+    """A dead letter's reference to its whole original: only where it could not hold it, and
+    there (with a store) always; the object is exactly the original value."""
+    case = sent.record.case
+    ref = letter.original_ref
+    if case.dead_letter == "exact":
+        if ref is not None:
+            verdict.add(case.name, "dead-letter-original-ref", "none (it holds its original)", ref)
+        return
+    if ref is None:
+        if required:
+            verdict.add(case.name, "dead-letter-original-ref",
+                        "a reference to the whole original", "none")  # fmt: skip
+        return
+    if isinstance(ref, str):
+        verdict.add(case.name, "dead-letter-original-ref", "{url, nbytes, sha256}", ref)
+        return
+    original = sent.record.value or b""
+    data = objects.get(ref["url"])
+    digest = hashlib.sha256(original).hexdigest()
+    if ref["nbytes"] != len(original) or ref["sha256"] != digest:
+        verdict.add(case.name, "dead-letter-original-ref",
+                    f"nbytes {len(original)}, sha256 {digest}", ref)  # fmt: skip
+    if data != original:
+        got = "unread" if data is None else f"{len(data)} other bytes"
+        verdict.add(case.name, "dead-letter-original", f"{ref['url']}: the original", got)
 
 
 # ------------------------------------------------------------------------------------ numbers

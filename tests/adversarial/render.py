@@ -23,6 +23,8 @@ from tests.adversarial import build
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "adversarial-corpus.md"
 _WIDTH = 170  # longest rendering of one part of a record before it is cut
+# Topic names for building records to count their objects (the document names no topic).
+_TOPICS = {n: f"svd-{n}" for n in ("requests", "results", "dlq", "reply", "other")}
 
 
 def brief(node: Any) -> str:
@@ -67,6 +69,11 @@ def sends(entry: Mapping[str, Any]) -> str:
         parts.append(f"svd-meta + {_code(brief(entry['meta']))}")
     if "meta_text" in entry:
         parts.append(f"svd-meta {_code(brief(entry['meta_text']))}")
+    if "object" in entry:
+        parts.append(f"object {_code(brief(entry['object']))}")
+    if "stored" in entry:
+        stored = entry["stored"]
+        parts.append(f"stored {_code(brief(stored))}" if stored else "nothing stored")
     if "truncate" in entry:
         cut = entry["truncate"]
         parts.append(f"cut to {cut:.0%}" if isinstance(cut, float) else f"cut to {cut} bytes")
@@ -81,7 +88,7 @@ def answer(entry: Mapping[str, Any]) -> str:
     if value == "none":
         text = "none"
     elif value == "ok":
-        text = "ok"
+        text = "ok, factors stored" if entry.get("result") == "stored" else "ok"
     else:
         text = f"`{value}`"
     if entry.get("answer_topic") == "reply":
@@ -114,6 +121,9 @@ def render(corpus: Mapping[str, Any] | None = None) -> str:
     answers = Counter(c.answer for c in cases)
     dead = Counter(c.dead_letter for c in cases)
     entries = list(build.entries(corpus))
+    records = [build.build(c, _TOPICS) for c in cases if "object" in c.spec]
+    referencing = sum(1 for r in records if r.reference is not None)
+    uploads = sum(len(r.uploads) for r in records)
     lines = [
         "# Adversarial corpus",
         "",
@@ -132,13 +142,23 @@ def render(corpus: Mapping[str, Any] | None = None) -> str:
         "- its dead letter on the dead-letter topic, found by `svd-dlq-source-offset`: one for every",
         "  error, none for an ok record; *exact* is the original value and original headers byte for",
         "  byte, *truncated* a prefix of the value with `svd-dlq-truncated: true` and",
-        "  `svd-dlq-value-bytes` the original size; the code, the request id and the attempts;",
-        "- the numbers of every ok answer (A = U diag(S) Vt, against numpy);",
+        "  `svd-dlq-value-bytes` the original size, and `svd-dlq-original-ref` the whole original",
+        "  kept in the store (read back and compared); the code, the request id and the attempts;",
+        "- the numbers of every ok answer (A = U diag(S) Vt, against numpy); factors that come",
+        "  back stored (`factors_ref`) are read from the store, their size and sha256 checked, then",
+        "  the numbers, and only the cases below that say so may, and must, get them;",
         "- then: the service is alive, its log has no traceback, its group committed the whole",
-        "  requests topic, and valid requests sent after the corpus are answered correctly.",
+        "  requests topic, and valid requests sent after the corpus are answered correctly;",
+        "- the objects: before producing, the test puts each case's object in a real S3 store",
+        "  (S3Proxy, the session's; or files in a directory the service trusts) under a prefix of",
+        "  its run; afterwards the object an ok request referenced is deleted once its answer is",
+        "  committed, every other one is kept (a failed request's object stays for its dead",
+        "  letter; the decoys of untrusted references are never touched), and nothing else is",
+        "  left under the run's prefix but stored results and dead letters' originals.",
         "",
-        f"The service runs with a {build.SERVICE_MESSAGE_BYTES >> 20} MiB message limit and a "
-        f"dead-letter topic that accepts {build.DLQ_MESSAGE_BYTES >> 20} MiB.",
+        f"The service runs with a {build.SERVICE_MESSAGE_BYTES >> 20} MiB message limit, a "
+        f"dead-letter topic that accepts {build.DLQ_MESSAGE_BYTES >> 20} MiB, and the store",
+        "`SVD_STORE_URL=$store` (`s3://<bucket>/<run>/svc`) with `SVD_STORE_TRUSTED_URLS=file://$root`.",
         "The default request id of a case is `adv-<name>` (with `-<each>` and `-<codec>` for its",
         "expansions), and so is its key unless the case says otherwise. How a case is written:",
         "[tests/adversarial/corpus.yaml](../tests/adversarial/corpus.yaml) (its header explains the",
@@ -150,6 +170,7 @@ def render(corpus: Mapping[str, Any] | None = None) -> str:
         *(f"| `{code}` | {n} |" for code, n in sorted(codes.items())),
         f"| of which no answer, dead letter only | {answers['none']} |",
         f"| dead letters exact / truncated | {dead['exact']} / {dead['truncated']} |",
+        f"| referencing a stored object / objects put in place | {referencing} / {uploads} |",
         "",
     ]
     for group in corpus["groups"]:

@@ -1,5 +1,5 @@
 """The adversarial corpus (tests/adversarial/corpus.yaml, docs/adversarial-corpus.md) against the
-real broker and the real service.
+real broker, the real object store and the real service.
 
 Every record is produced with aiokafka's plain producer (one per codec), not the SDK. Then, for
 each record: exactly the answers its case says (by request id, on the right topic, with the right
@@ -10,18 +10,29 @@ to the end of the requests topic, and valid requests sent afterwards answered co
 Waiting is on conditions: the group's commit reaching the end of the requests topic means every
 record was answered (the service commits an offset only once its answers were acknowledged), so
 the output topics are then read to their ends and judged once.
+
+Stored objects: the objects the records reference (and decoys where an untrusted reference
+points) are put in the session's S3 store, under a prefix of this run, and in a directory the
+service trusts, before anything is produced. Afterwards the object of every ok stored request is
+gone (waited for: the service deletes it once the answer is committed), every other object is
+still there, and nothing else is under the run's prefix but the stored results the answers
+reference (read and verified by the judge, then deleted as a client would) and the whole originals
+that truncated dead letters reference (read and compared with what was sent).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import obstore
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -30,9 +41,21 @@ from aiokafka.errors import KafkaError
 
 from localkafka import TopicSettings
 from tests.adversarial import build
-from tests.adversarial.judge import Seen, Sent, Verdict, factor_problem, judge, read_answer
+from tests.adversarial.judge import (
+    Seen,
+    Sent,
+    Verdict,
+    factor_problem,
+    judge,
+    read_answer,
+    stored_originals,
+    stored_results,
+)
 from tests.support.service import ServiceProcess
 from tests.support.tally import committed_offsets, end_offsets
+
+if TYPE_CHECKING:
+    from tests.conftest import ObjectStoreEndpoint
 
 pytestmark = pytest.mark.kafka
 
@@ -40,6 +63,7 @@ MIB = 1 << 20
 CODEC_TYPES = {"none": None, "gzip": "gzip", "snappy": "snappy", "lz4": "lz4", "zstd": "zstd"}
 CORPUS_COMMIT_TIMEOUT = 75.0
 AFTER_TIMEOUT = 30.0
+DELETE_TIMEOUT = 30.0  # the service deletes an answered request's object after the commit
 POOL_SIZE = 2
 
 
@@ -135,6 +159,100 @@ async def _wait_committed_to_end(
         await asyncio.sleep(0.25)
 
 
+class RunObjects:
+    """This run's objects: s3:// ones in the session's bucket under ``run``/, file:// ones under
+    ``directory``. Puts them in place, tells which exist, lists what is there, reads, removes."""
+
+    def __init__(self, store: ObjectStoreEndpoint, run: str, directory: Path) -> None:
+        self._client = store.client()
+        self._bucket = store.bucket
+        self.run = run
+        self.directory = directory
+
+    def _key(self, url: str) -> str:
+        prefix = f"s3://{self._bucket}/"
+        assert url.startswith(prefix), f"{url} is not in the session's bucket"
+        return url.removeprefix(prefix)
+
+    async def put(self, uploads: Sequence[build.Upload], root: str) -> None:
+        """Each upload in place; ``root``, the directory the service trusts, made even if no
+        file goes there."""
+        files = [u for u in uploads if u.url.startswith("file://")]
+        await asyncio.to_thread(self._write, files, Path(root))
+        await asyncio.gather(
+            *(
+                obstore.put_async(self._client, self._key(u.url), u.data)
+                for u in uploads
+                if not u.url.startswith("file://")
+            )
+        )
+
+    def _write(self, files: Sequence[build.Upload], root: Path) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        for upload in files:
+            path = Path(upload.url.removeprefix("file://"))
+            assert path.is_relative_to(self.directory), upload.url
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if upload.link is not None:
+                os.symlink(upload.link, path)
+            else:
+                path.write_bytes(upload.data)
+
+    def _files(self) -> set[str]:
+        return {
+            f"file://{path}"
+            for path in self.directory.rglob("*")
+            if path.is_symlink() or path.is_file()
+        }
+
+    async def exists(self, url: str) -> bool:
+        if url.startswith("file://"):
+            return await asyncio.to_thread(os.path.lexists, url.removeprefix("file://"))
+        try:
+            await obstore.head_async(self._client, self._key(url))
+        except FileNotFoundError:
+            return False
+        return True
+
+    async def listing(self) -> set[str]:
+        """Every object under the run's prefix and every file or link under its directory."""
+        found = {
+            f"s3://{self._bucket}/{meta['path']}"
+            async for chunk in obstore.list(self._client, prefix=f"{self.run}/")
+            for meta in chunk
+        }
+        return found | await asyncio.to_thread(self._files)
+
+    async def read(self, url: str) -> bytes | None:
+        if not url.startswith(f"s3://{self._bucket}/{self.run}/"):
+            return None  # not a place this run's service writes to
+        try:
+            got = await obstore.get_async(self._client, self._key(url))
+            return bytes(await got.bytes_async())
+        except FileNotFoundError:
+            return None
+
+    async def remove(self, urls: Iterable[str]) -> None:
+        await asyncio.gather(
+            *(obstore.delete_async(self._client, self._key(u)) for u in urls if u.startswith("s3:"))
+        )
+
+
+async def _wait_gone(
+    objects: RunObjects, urls: set[str], timeout: float, service: ServiceProcess
+) -> set[str]:
+    """Until none of ``urls`` exists (the service deleted them), the service exits, or the
+    deadline; returns those still there."""
+    deadline = time.monotonic() + timeout
+    left = set(urls)
+    while True:
+        left = {u for u in left if await objects.exists(u)}
+        alive = service.proc is not None and service.proc.poll() is None
+        if not left or not alive or time.monotonic() > deadline:
+            return left
+        await asyncio.sleep(0.2)
+
+
 class Output:
     """Reads the service's output topics from the beginning, keeping every record."""
 
@@ -226,15 +344,25 @@ def _after_requests(
 # broker refuses (a dead letter larger than its topic takes) would abort for good.
 @pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
 async def test_adversarial_corpus(
-    kafka_bootstrap: str, topics: TopicSettings, tmp_path: Path, guarantee: str
+    kafka_bootstrap: str,
+    topics: TopicSettings,
+    object_store: ObjectStoreEndpoint,
+    tmp_path: Path,
+    guarantee: str,
 ) -> None:
     started = time.monotonic()
+    # This run's own places in the session's store (the bucket is shared): the corpus names them
+    # by placeholder, so everything else about its records is the same every run.
+    run = f"adv-{uuid.uuid4().hex[:10]}"
+    directory = (tmp_path / "objects").resolve()
+    where = build.places(object_store.bucket, run, str(directory))
     names = {
         "requests": topics.requests,
         "results": topics.results,
         "dlq": f"{topics.dlq}-small",  # smaller than the largest values: truncated dead letters
         "reply": f"{topics.results}.adv",  # allowed: <results topic>.<suffix>
         "other": f"tenant-b-{topics.results}",  # another tenant's, existing
+        **where,
     }
     await _create_topics(
         kafka_bootstrap,
@@ -245,6 +373,9 @@ async def test_adversarial_corpus(
         },
     )
     records = build.build_all(names)
+    objects = RunObjects(object_store, run, directory)
+    uploads = [u for r in records for u in r.uploads]
+    await objects.put(uploads, where["root"])
     group = f"g-{topics.requests}"
     service_topics = TopicSettings(
         requests=topics.requests, results=topics.results, dlq=names["dlq"]
@@ -253,6 +384,11 @@ async def test_adversarial_corpus(
         kafka_bootstrap, service_topics, tmp_path / "svc.log", group_id=group,
         pool_size=POOL_SIZE, max_message_bytes=build.SERVICE_MESSAGE_BYTES,
         processing_guarantee=guarantee,
+        extra_env={
+            **object_store.env,
+            "SVD_STORE_URL": where["store"],
+            "SVD_STORE_TRUSTED_URLS": f"file://{where['root']}",
+        },
     )  # fmt: skip
     # Exactly once is what read_committed readers see.
     isolation = "read_committed" if guarantee == "exactly_once" else "read_uncommitted"
@@ -294,10 +430,18 @@ async def test_adversarial_corpus(
                 verdict.add("(service)", "commit", "everything committed to the end", exc)
             await output.read_to_end()
             late = output.seen[len(corpus_seen) :]
+            # The object of every ok stored request: deleted once its answer was committed.
+            deleted = {r.reference for r in records if r.case.answer == "ok" and r.reference}
+            not_deleted = await _wait_gone(objects, deleted, DELETE_TIMEOUT, service)
         alive = service.proc is not None and service.proc.poll() is None
         log = service.log()
 
-    corpus_verdict = judge(sent, corpus_seen, names)
+    # Read stored results as a client would, and the originals dead letters keep, for the judge.
+    results = {s.ref.url: await objects.read(s.ref.url) for s in stored_results(corpus_seen)}
+    originals = {u: await objects.read(u) for u in stored_originals(corpus_seen, names["dlq"])}
+    corpus_verdict = judge(
+        sent, corpus_seen, names, {**results, **originals}, originals_stored=True
+    )
     verdict.mismatches[:0] = corpus_verdict.mismatches
     for name in ("answers", "ok_answers", "error_answers", "dead_letters"):
         setattr(verdict, name, getattr(corpus_verdict, name))
@@ -319,12 +463,29 @@ async def test_adversarial_corpus(
             verdict.add(f"{s.topic}@{s.partition}:{s.offset}", "late-record",
                         "nothing more for the corpus", f"{a.outcome} {a.request_id!r}")  # fmt: skip
 
+    # Every object as the service must leave it, now that it is stopped: an ok request's deleted,
+    # everything else kept (a failed request's object stays for its dead letter; decoys where an
+    # untrusted reference points are not the service's to touch), nothing else but stored results
+    # and the originals of dead letters (which the judge found there).
+    by_url = {u.url: r for r in records for u in r.uploads}
+    for url in sorted(not_deleted):
+        verdict.add(by_url[url].name if url in by_url else url, "object-not-deleted",
+                    f"{url} deleted after its ok answer was committed", "still there")  # fmt: skip
+    kept = {url for url in by_url if url not in deleted}
+    there = await objects.listing()
+    for url in sorted(kept - there):
+        verdict.add(by_url[url].name, "object-lost", f"{url} kept", "gone")
+    for url in sorted(there - kept - set(results) - set(originals) - not_deleted):
+        verdict.add(url, "object-stray", "the corpus's objects, stored results and dead letters' "
+                    "originals only", "there")  # fmt: skip
+    await objects.remove(there)
+
     # A replaced worker shows as a new pid in the answers: more pids than the pool is a restart.
-    pids = {
-        a.result.meta.worker.pid
-        for a in (read_answer(s, s.topic) for s in [*corpus_seen, *late])
-        if a.result is not None and a.result.meta.worker is not None
-    }
+    pids = set()
+    for a in (read_answer(s, s.topic) for s in [*corpus_seen, *late]):
+        meta = a.result.meta if a.result else a.stored.meta if a.stored else None
+        if meta is not None and meta.worker is not None:
+            pids.add(meta.worker.pid)
     if len(pids) > POOL_SIZE:
         verdict.add("(service)", "worker-restart", f"at most {POOL_SIZE} worker pids", sorted(pids))
     if not alive:
@@ -342,7 +503,10 @@ async def test_adversarial_corpus(
     summary = (
         f"adversarial corpus ({guarantee}): {len(records)} records ({cases} cases) sent, "
         f"{verdict.answers} answers ({verdict.ok_answers} ok, {verdict.error_answers} errors), "
-        f"{verdict.dead_letters} dead letters, {len(verdict.mismatches)} mismatches "
+        f"{verdict.dead_letters} dead letters; {len(uploads)} objects put, "
+        f"{len(deleted) - len(not_deleted)}/{len(deleted)} deleted by the service, "
+        f"{len(results)} stored results, {len(originals)} dead letters' originals stored; "
+        f"{len(verdict.mismatches)} mismatches "
         f"in {time.monotonic() - started:.0f}s"
     )
     print(f"\n{summary}")

@@ -1,9 +1,12 @@
 """The adversarial corpus as data: its document is generated from it, it covers what issue #15
-asks for (at least 200 records, every error code an input can trigger, every codec), and the
-judge of tests/integration/test_adversarial.py catches what it is there to catch."""
+asks for (at least 200 records, every error code an input can trigger, every codec) and issue
+#17's references (the objects it puts in the store, deterministic but for the run's places), and
+the judge of tests/integration/test_adversarial.py catches what it is there to catch."""
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from collections import Counter
 
 import numpy as np
@@ -13,7 +16,7 @@ import pytest
 from schemas import codec
 from schemas._validation import is_valid_request_id
 from schemas.errors import ErrorCode
-from schemas.models import SvdResultMeta, Timings, WorkerInfo
+from schemas.models import ObjectRef, SvdResultMeta, Timings, WorkerInfo
 from tests.adversarial import build, judge, render
 
 TOPICS = {
@@ -112,9 +115,13 @@ def test_truncated_records_are_cut_and_codecs_expand() -> None:
 # --- the judge: it must see what is wrong, not only pass what is right ------------------------
 
 
+@functools.cache
+def _cases() -> dict[str, build.Case]:
+    return {c.name: c for c in build.expand(build.load())}
+
+
 def _case(name: str) -> build.Record:
-    (case,) = [c for c in build.expand(build.load()) if c.name == name]
-    return build.build(case, TOPICS)
+    return build.build(_cases()[name], TOPICS)
 
 
 def _dead_letter(
@@ -196,6 +203,37 @@ def test_the_judge_checks_truncated_dead_letters_and_no_answer_cases() -> None:
     assert _kinds(sent, [named]) == ["dead-letter-request-id"]
 
 
+def test_the_judge_checks_the_original_a_truncated_dead_letter_keeps_in_the_store() -> None:
+    record = _case("value-over-limit-no-id")
+    sent = [judge.Sent(record, 0, 3)]
+    original = record.value or b""
+    url = f"{build.EXAMPLE_PLACES['store']}/dead-letters/svd-requests-t/0/3"
+
+    def letter(ref: object) -> judge.Seen:
+        text = orjson.dumps(ref).decode() if isinstance(ref, dict) else str(ref)
+        return _dead_letter(record, 3, value=original[:65536], truncated="true", original_ref=text)
+
+    def kinds(seen: judge.Seen, objects: dict[str, bytes | None]) -> list[str]:
+        verdict = judge.judge(sent, [seen], TOPICS, objects, originals_stored=True)
+        return sorted(m.kind for m in verdict.mismatches)
+
+    ref = {"url": url, "nbytes": len(original), "sha256": hashlib.sha256(original).hexdigest()}
+    assert judge.stored_originals([letter(ref)], TOPICS["dlq"]) == [url]
+    assert kinds(letter(ref), {url: original}) == []
+    assert kinds(letter(ref), {}) == ["dead-letter-original"]
+    assert kinds(letter(ref), {url: original[:-1]}) == ["dead-letter-original"]
+    assert kinds(letter({**ref, "nbytes": 1}), {url: original}) == ["dead-letter-original-ref"]
+    assert kinds(letter(""), {}) == ["dead-letter-original-ref"]  # none, with a store
+    assert kinds(letter("{not json"), {}) == ["dead-letter-original-ref"]
+    # Without a store none is owed; a dead letter that holds its original references none.
+    assert _kinds(sent, [letter("")]) == []
+    exact = _case("ct-unknown")
+    held = _dead_letter(exact, 7, original_ref=orjson.dumps(ref).decode())
+    assert _kinds([judge.Sent(exact, 0, 7)], [_error(exact, 0), held]) == [
+        "dead-letter-original-ref"
+    ]
+
+
 def test_the_judge_checks_the_numbers_of_ok_answers() -> None:
     record = _case("binary-f64-none")
     assert record.matrix is not None
@@ -213,3 +251,114 @@ def test_the_judge_checks_the_numbers_of_ok_answers() -> None:
     sent = [judge.Sent(record, 0, 0)]
     assert _kinds(sent, [answer(s)]) == []
     assert _kinds(sent, [answer(s * 1.01)]) == ["factors"]
+
+
+# --- stored objects: what the test puts in the store, and how stored results are judged -------
+
+
+def test_stored_records_reference_the_objects_put_in_place(records: list[build.Record]) -> None:
+    store = build.EXAMPLE_PLACES["store"]
+    referencing = [r for r in records if "object" in r.case.spec]
+    assert len(referencing) >= 80
+    for r in referencing:
+        request = orjson.loads(r.value or b"") if r.case.answer == "ok" else None
+        if request is not None:  # an ok one: version 2, trusted, and its object is there as is
+            ref = request["matrix"]["ref"]
+            assert request["schema_version"] == 2, r.name
+            assert r.reference == ref["url"], r.name
+            assert ref["url"].startswith((f"{store}/", f"file://{build.EXAMPLE_PLACES['root']}/"))
+            (upload,) = [u for u in r.uploads if u.url == ref["url"]]
+            assert len(upload.data) == ref["nbytes"], r.name
+            assert hashlib.sha256(upload.data).hexdigest() == ref["sha256"], r.name
+    by_name = {r.name: r for r in referencing}
+    short = by_name["stored-object-short"]
+    assert [len(u.data) for u in short.uploads] == [40]
+    assert by_name["stored-missing"].uploads == []
+    (target, link) = by_name["stored-untrusted-symlink"].uploads
+    assert link.link == target.url.removeprefix("file://") and link.url == (
+        by_name["stored-untrusted-symlink"].reference
+    )
+
+
+def test_only_the_runs_places_change_between_runs() -> None:
+    here = build.build_all(TOPICS)
+    # What makes the example places, and what makes another run's.
+    example = (b"/srv/adv-run", b"adv-run", b"svd-payloads")
+    other = (b"/var/tmp/pytest-7/objects", b"adv-0123456789", b"another-bucket")
+    assert build.places(*(x.decode() for x in example[::-1])) == build.EXAMPLE_PLACES
+    there = build.build_all({**TOPICS, **build.places(*(x.decode() for x in other[::-1]))})
+
+    def same(a: bytes | None, b: bytes | None) -> bool:
+        for mine, theirs in zip(example, other, strict=True):
+            b = None if b is None else b.replace(theirs, mine)
+        return a == b
+
+    for a, b in zip(here, there, strict=True):
+        assert a.name == b.name and a.key == b.key
+        assert same(a.value, b.value), a.name
+        assert all(same(x, y) for (_, x), (_, y) in zip(a.headers, b.headers, strict=True))
+        assert [u.data for u in a.uploads] == [u.data for u in b.uploads], a.name
+
+
+def _stored_answer(record: build.Record, s_scale: float = 1.0) -> tuple[judge.Seen, bytes, str]:
+    """An answer whose factors are stored, as the service writes it, and the object's bytes."""
+    assert record.matrix is not None
+    u, s, vt = np.linalg.svd(record.matrix, full_matrices=False)
+    meta = SvdResultMeta(
+        schema_version=2,
+        request_id=record.case.request_id or "",
+        timings=Timings(queue_wait_ms=0, compute_ms=0, total_ms=0),
+        worker=WorkerInfo(instance_id="i", host="h", pid=1),
+    )
+    wire = codec.stored_factors(u, s * s_scale, vt)
+    data = b"".join(a.tobytes() for a in wire.values())
+    url = f"{build.EXAMPLE_PLACES['store']}/results/x"
+    ref = ObjectRef(url=url, nbytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    out = bytearray(codec.STORED_RESULT_ROOM)
+    size, headers = codec.write_stored_result(meta, wire, ref, memoryview(out))
+    key = (record.case.request_id or "").encode()
+    return judge.Seen(TOPICS["results"], 0, 0, key, bytes(out[:size]), headers), data, url
+
+
+def test_the_judge_reads_and_checks_stored_results() -> None:
+    record = _case("stored-result")
+    sent = [judge.Sent(record, 0, 0)]
+    seen, data, url = _stored_answer(record)
+    assert [a.ref.url for a in judge.stored_results([seen])] == [url]
+
+    def kinds(objects: dict[str, bytes | None]) -> list[str]:
+        return sorted(m.kind for m in judge.judge(sent, [seen], TOPICS, objects).mismatches)
+
+    assert kinds({url: data}) == []
+    assert kinds({}) == ["answer"]  # not read: no factors to check
+    assert kinds({url: data[:-8]}) == ["answer"]
+    assert kinds({url: data[:-1] + bytes([data[-1] ^ 1])}) == ["answer"]
+    wrong, wrong_data, _ = _stored_answer(record, s_scale=1.01)
+    got = judge.judge(sent, [wrong], TOPICS, {url: wrong_data}).mismatches
+    assert [m.kind for m in got] == ["factors"]
+
+
+def test_the_judge_wants_stored_factors_where_the_case_says_and_only_there() -> None:
+    inline_case = _case("stored-f64-none")
+    seen, data, url = _stored_answer(inline_case)
+    kinds = [
+        m.kind
+        for m in judge.judge(
+            [judge.Sent(inline_case, 0, 0)], [seen], TOPICS, {url: data}
+        ).mismatches
+    ]
+    assert kinds == ["result-kind"]
+    stored_case = _case("stored-result")
+    assert stored_case.matrix is not None
+    u, s, vt = np.linalg.svd(stored_case.matrix, full_matrices=False)
+    meta = SvdResultMeta(
+        request_id=stored_case.case.request_id or "",
+        timings=Timings(queue_wait_ms=0, compute_ms=0, total_ms=0),
+        worker=WorkerInfo(instance_id="i", host="h", pid=1),
+    )
+    message = codec.encode_result(meta, u, s, vt, codec.Encoding.JSON)
+    inline = judge.Seen(TOPICS["results"], 0, 0, message.key, message.value, message.headers)
+    kinds = [
+        m.kind for m in judge.judge([judge.Sent(stored_case, 0, 0)], [inline], TOPICS).mismatches
+    ]
+    assert kinds == ["result-kind"]
