@@ -115,7 +115,9 @@ class ConsumerSettings(BaseSettings):
     max_inflight: int = Field(default=256, ge=1, description="in-flight request limit")
     max_inflight_bytes: int = Field(default=256 * MIB, ge=MIB)
     resume_ratio: float = Field(default=0.5, ge=0.0, lt=1.0)
-    task_timeout_s: float = Field(default=120.0, gt=0)
+    # Long enough for the largest matrix the default limits take (8192 x 8192 full, with one
+    # BLAS thread per worker: `python -m demo --large 8192` gives the time on this hardware).
+    task_timeout_s: float = Field(default=1800.0, gt=0)
     drain_timeout_s: float = Field(default=30.0, ge=0)
     max_attempts: int = Field(default=3, ge=1, description="pool attempts per request")
     unexpected_attempts: int = Field(

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from demo.large import run_large
 from demo.workload import Report, run_workload
 from localkafka import BrokerError, LocalBroker, ensure_topics
 from localstore import CLIENT_PREFIX, SERVICE_PREFIX, LocalStore, LocalStoreError
@@ -32,6 +33,13 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__)
     parser.add_argument("--count", type=int, default=300, help="matrices to send (default 300)")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--large",
+        type=int,
+        metavar="N",
+        help="instead of the workload, one N x N float64 full SVD through the object store, "
+        "verified (e.g. 8192: 512 MiB in, 1 GiB out)",
+    )
     parser.add_argument(
         "--keep-running",
         action="store_true",
@@ -129,6 +137,12 @@ def main(argv: list[str] | None = None) -> int:
             "results": broker.topics.results,
             "dlq": broker.topics.dlq,
         }
+        if args.large:
+            print(f"sending one {args.large} x {args.large} full SVD through the store ...")
+            large = asyncio.run(run_large(state.bootstrap, names, args.large, seed=args.seed))
+            print(large.describe(), flush=True)
+            print("RESULT: " + ("verified" if large.ok else "VERIFICATION FAILED"), flush=True)
+            return 0 if large.ok else 1
         report = asyncio.run(run_workload(state.bootstrap, names, count=args.count, seed=args.seed))
         print(_summary(report), flush=True)
         if args.keep_running:
