@@ -63,7 +63,7 @@ def _reply(outcome: Any, out: memoryview) -> Any:
 
 def test_a_stored_matrix_is_read_verified_and_answered_in_version_2(store: PayloadStore) -> None:
     a = RNG.standard_normal((40, 30))
-    request_id, message, url = _stored(store, a)
+    _, message, url = _stored(store, a)
     assert orjson.loads(message.value)["schema_version"] == 2
     outcome, out = _answer(message, _context(store))
     reply = _reply(outcome, out)
