@@ -168,8 +168,10 @@ def _store(context: WorkerContext) -> PayloadStore:
 
 
 def _result_key(meta: SvdRequestMeta, origin: str) -> str:
-    # One key per record: computing the same record again (a retry, a redelivery) overwrites its
-    # object instead of leaving another behind.
+    # Named by the record and (PayloadStore.write's content_suffix) by the factors' hash:
+    # computing the same record again (a retry, a redelivery) writes the same object instead of
+    # leaving another behind, and a second computation that came out different in the last bits
+    # (another CPU, another BLAS) never replaces the object an earlier answer references.
     tag = hashlib.sha256(meta.request_id.encode()).hexdigest()[:16]
     return f"results/{origin}-{tag}" if origin else f"results/{tag}-{uuid.uuid4().hex}"
 
@@ -306,7 +308,7 @@ def _write_stored(
     they are not little-endian row-major), and the answer that references them."""
     wire = codec.stored_factors(factors.u, factors.s, factors.vt)
     stored = _store(context).write(
-        _result_key(d.meta, d.item.origin), [a.data for a in wire.values()]
+        _result_key(d.meta, d.item.origin), [a.data for a in wire.values()], content_suffix=True
     )
     ref = ObjectRef(url=stored.url, nbytes=stored.nbytes, sha256=stored.sha256)
     size, headers = codec.write_stored_result(result, wire, ref, d.item.out)

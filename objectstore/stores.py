@@ -89,10 +89,14 @@ class PayloadStore:
         _verify(data, nbytes, sha256, url, request_id)
         return data
 
-    def write(self, key: str, chunks: Sequence[Buffer]) -> StoredObject:
-        """Store ``chunks``, back to back, as ``key`` under this component's location."""
-        url = self.url_for(key)
+    def write(
+        self, key: str, chunks: Sequence[Buffer], *, content_suffix: bool = False
+    ) -> StoredObject:
+        """Store ``chunks``, back to back, as ``key`` under this component's location;
+        ``content_suffix`` appends the start of their sha256 to the key (``key-<16 hex>``), so
+        the same bytes always land on the same object and different bytes never replace it."""
         digest, nbytes = _digest(chunks)
+        url = self.url_for(f"{key}-{digest[:16]}" if content_suffix else key)
         _, ref = self.trust.check(url, None)
         with _mapped(url, None):
             if ref.scheme == "file":

@@ -194,3 +194,14 @@ def test_a_segment_longer_than_a_file_name_is_refused_not_fetched() -> None:
     store = PayloadStore(StoreSettings(url="s3://svd-payloads"))
     with pytest.raises(UntrustedLocation, match="longer than 255"):
         store.read("s3://svd-payloads/" + "a" * 256, 8, "0" * 64)
+
+
+def test_content_suffixed_writes_never_replace_other_bytes(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    first = store.write("results/r", [b"abc"], content_suffix=True)
+    again = store.write("results/r", [b"abc"], content_suffix=True)
+    other = store.write("results/r", [b"abd"], content_suffix=True)
+    assert first == again  # the same bytes: the same object, nothing left behind
+    assert other.url != first.url
+    assert first.url.endswith("results/r-" + first.sha256[:16])
+    assert bytes(store.read(first.url, 3, first.sha256)) == b"abc"
