@@ -93,6 +93,8 @@ class ObjectUrl:
         def refuse(why: str) -> UntrustedLocation:
             return UntrustedLocation(f"reference {url[:300]!r}: {why}", request_id=request_id)
 
+        if not url.startswith(("s3://", "file://")):
+            raise refuse("the scheme must be s3 or file, in lower case")
         if not url.isascii() or any(c in url for c in "%?#\\ ") or not url.isprintable():
             raise refuse("only plain ASCII, without percent escapes, query, fragment or spaces")
         parts = urlsplit(url)

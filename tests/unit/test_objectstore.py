@@ -54,6 +54,8 @@ def _store(root: Path, **settings: object) -> PayloadStore:
         "file:///etc/passwd",
         "file://host/srv/a",
         "ftp://svd-payloads/pre/a",
+        "S3://svd-payloads/pre/a",
+        "File:///srv/a",
         "svd-payloads/pre/a",
         "",
     ],
