@@ -4,6 +4,15 @@
 with persistence off, and a Celery worker (prefork, concurrency = CPUs) on it. ``measure`` runs
 the client in its own process (``python -m bench.celery_peer ROWS COLS COUNT``): it submits
 every request, then awaits every result, the way the SDK scenario does.
+
+Where Celery + Redis cannot carry a size, it is skipped with the reason (``PeerSkipped``):
+Celery's Redis result backend publishes every result on a pub/sub channel, and Redis closes a
+subscriber whose output buffer passes the ``client-output-buffer-limit pubsub`` hard limit (32 MB
+by default), and results published meanwhile never reach the client, which waits until its
+timeout. A 2048x2048 result (64 MiB of factors) is over it: seen here as four computed results
+never arriving for six minutes, with "scheduled to be closed ASAP for overcoming of output
+buffer limits" in Redis's log. ``pubsub_unlimited`` (``--celery-pubsub-unlimited``) starts the
+benchmark's redis-server without that limit, as an operator moving such results would.
 """
 
 from __future__ import annotations
@@ -26,10 +35,44 @@ class PeerUnavailable(RuntimeError):
     pass
 
 
+class PeerSkipped(RuntimeError):
+    """This size is beyond what the peer can carry (the message says why)."""
+
+
+def pubsub_hard_limit(config: str) -> int | None:
+    """The pub/sub hard limit in bytes from Redis's ``client-output-buffer-limit`` value
+    (``normal 0 0 0 slave 268435456 67108864 60 pubsub 33554432 8388608 60``); None when there
+    is none (0) or the value does not say."""
+    parts = config.split()
+    for i, word in enumerate(parts[:-1]):
+        if word == "pubsub":
+            try:
+                hard = int(parts[i + 1])
+            except ValueError:
+                return None
+            return hard or None
+    return None
+
+
+def skip_reason(shape: Shape, limit: int | None) -> str:
+    """Why Celery + Redis cannot carry ``shape``'s results, or "" when it can."""
+    if limit is None or shape.result_nbytes <= limit:
+        return ""
+    return (
+        f"a {shape.label} result ({shape.result_nbytes / (1 << 20):.1f} MiB pickled) is over "
+        f"Redis's pub/sub output buffer hard limit ({limit / (1 << 20):.0f} MiB, "
+        "client-output-buffer-limit pubsub): Redis drops the result backend's subscriber and "
+        "the client does not get the results (--celery-pubsub-unlimited lifts the limit)"
+    )
+
+
 class CeleryPeer:
-    def __init__(self, workdir: Path, concurrency: int, children: Children) -> None:
+    def __init__(
+        self, workdir: Path, concurrency: int, children: Children, pubsub_unlimited: bool = False
+    ) -> None:
         self.workdir = workdir
         self.concurrency = concurrency
+        self.pubsub_unlimited = pubsub_unlimited
         self._children = children
         self.url = ""
         self._worker: subprocess.Popen[bytes] | None = None
@@ -50,6 +93,7 @@ class CeleryPeer:
             [
                 redis_server, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
                 "--save", "", "--appendonly", "no", "--protected-mode", "no",
+                *(["--client-output-buffer-limit", "pubsub 0 0 0"] if self.pubsub_unlimited else []),
             ],
             log_path=self.workdir / "redis.log",
         )  # fmt: skip
@@ -78,7 +122,17 @@ class CeleryPeer:
         except redis.RedisError:
             return False
 
+    def pubsub_limit(self) -> int | None:
+        import redis
+
+        config = redis.Redis.from_url(self.url, socket_timeout=5).config_get(
+            "client-output-buffer-limit"
+        )
+        return pubsub_hard_limit(str(config.get("client-output-buffer-limit", "")))
+
     def measure(self, shape: Shape, count: int, warmup: int) -> dict[str, Any]:
+        if why := skip_reason(shape, self.pubsub_limit()):
+            raise PeerSkipped(why)
         env = {**os.environ, "BENCH_REDIS_URL": self.url}
         out = self.workdir / "client.out"
         with out.open("w") as stdout, (self.workdir / "client.err").open("w") as stderr:

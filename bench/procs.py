@@ -174,20 +174,25 @@ def cpu_seconds(pid: int) -> float:
 @dataclass
 class CpuSplit:
     """Where the machine's CPU went between ``start()`` and ``stop()``: the consumer's own
-    process, its workers (every other descendant), the broker, and this benchmark process."""
+    process, its workers (every other descendant), the broker, this benchmark process, and the
+    object store when the run uses the one the benchmark started (``store_pid``)."""
 
     consumer_pid: int
     broker_pid: int | None
     cpus: int
+    store_pid: int | None = None
 
     def _now(self) -> dict[str, float]:
         tree = descendants(self.consumer_pid)
-        return {
+        now = {
             "consumer": cpu_seconds(self.consumer_pid),
             "workers": sum(cpu_seconds(p) for p in tree if p != self.consumer_pid),
             "broker": cpu_seconds(self.broker_pid) if self.broker_pid else 0.0,
             "bench": sum(os.times()[:2]),
         }
+        if self.store_pid:
+            now["store"] = cpu_seconds(self.store_pid)
+        return now
 
     def start(self) -> None:
         self._started = time.monotonic()

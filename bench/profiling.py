@@ -23,6 +23,12 @@ report:
   shares lean toward call-heavy code; its clock is wall time, so the event loop's wait in epoll
   is taken out of the total and reported on its own.
 
+With ``--profile-workers`` (py-spy only), py-spy follows the consumer's subprocesses too and
+keeps idle samples: the table is then of the pool workers' wall time (``SIZE-VARIANT.txt``), where
+a worker's time goes between its SVDs: reading and writing stored payloads (obstore's calls block
+the worker's thread), sha256, decoding and encoding, waiting for the next job. The consumer's own
+samples are in the same ``.collapsed`` file and flame graph, and in the notes, by share.
+
 The profiler costs the consumer some CPU too: a profiled run's rates are a little below an
 unprofiled one's.
 """
@@ -87,6 +93,7 @@ class Profile:
     files: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     top: int = 25
+    subject: str = "consumer process"  # or "pool workers" (--profile-workers)
 
     def table(self, title: str) -> str:
         unit = "samples" if self.tool == "py-spy" else "s"
@@ -110,6 +117,7 @@ class Profile:
             "seconds": self.seconds,
             "files": self.files,
             "notes": self.notes,
+            "subject": self.subject,
             "top": [row.as_json(self.whole) for row in self.rows[: self.top]],
         }
 
@@ -164,6 +172,26 @@ def parse_collapsed(lines: Iterable[str]) -> Counter[str]:
 
 #: py-spy --threads puts ``thread (TID): NAME`` first in every stack.
 _THREAD = re.compile(r"thread \(\d+\)(?:: (.*))?")
+#: py-spy --subprocesses puts ``process PID:"CMDLINE"`` frames first, the root process first; a
+#: command line may hold ";" (the fork server's ``-c "...import main; main(...)"``).
+_PROCESSES = re.compile(r'((?:process \d+:"[^"]*";)*)(.*)', re.DOTALL)
+_PROCESS = re.compile(r'process (\d+):"')
+#: By how deep a stack's process is below the consumer: the consumer itself, the fork server and
+#: resource tracker (its children), the pool's workers (the fork server's children).
+ROLES = ("consumer", "helpers", "workers")
+
+
+def split_processes(stacks: Counter[str]) -> dict[str, Counter[str]]:
+    """The stacks of each role (``ROLES``), without their ``process`` frames. Stacks without
+    any (py-spy without --subprocesses) are the consumer's."""
+    out: dict[str, Counter[str]] = {role: Counter() for role in ROLES}
+    for stack, count in stacks.items():
+        match = _PROCESSES.match(stack)
+        assert match is not None  # the pattern matches any string
+        depth = len(_PROCESS.findall(match.group(1)))
+        role = ROLES[min(2, max(0, depth - 1))]
+        out[role][match.group(2) or "(no Python frame)"] += count
+    return out
 
 
 def top_from_stacks(stacks: Counter[str]) -> tuple[int, list[Row], Counter[str]]:
@@ -187,10 +215,17 @@ def top_from_stacks(stacks: Counter[str]) -> tuple[int, list[Row], Counter[str]]
 
 class PySpyProfiler:
     def __init__(
-        self, binary: str, stem: Path, children: Children, top: int, native: bool = False
+        self,
+        binary: str,
+        stem: Path,
+        children: Children,
+        top: int,
+        native: bool = False,
+        workers: bool = False,
     ) -> None:
         self._binary = binary
         self._native = native
+        self._workers = workers
         self._stem = stem
         self._children = children
         self._top = top
@@ -210,6 +245,7 @@ class PySpyProfiler:
                 "--format", "raw", "--function", "--threads",
                 "--output", str(self._stem.with_suffix(".collapsed")),
                 *(["--native"] if self._native else []),
+                *(["--subprocesses", "--idle"] if self._workers else []),
             ],
             log_path=self._stem.with_suffix(".py-spy.log"),
         )  # fmt: skip
@@ -228,7 +264,8 @@ class PySpyProfiler:
             tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
             raise RuntimeError(f"py-spy wrote no profile (exit {self._proc.returncode}):\n{tail}")
         stacks = parse_collapsed(collapsed.read_text(errors="replace").splitlines())
-        whole, rows, threads = top_from_stacks(stacks)
+        roles = split_processes(stacks)
+        whole, rows, threads = top_from_stacks(roles["workers" if self._workers else "consumer"])
         svg = self._stem.with_suffix(".svg")
         svg.write_text(flame_graph(stacks, title=self._stem.name))
         # py-spy's "not idle" is a thread running or ready to run: waiting for a CPU counts.
@@ -242,10 +279,21 @@ class PySpyProfiler:
                 f"{name} {100 * n / max(1, whole):.1f} %" for name, n in threads.most_common()
             ),
         ]
+        if self._workers:
+            every = max(1, sum(stacks.values()))
+            notes[0] = (
+                f"the pool workers' wall time, idle included: {whole:,} samples at "
+                f"{PY_SPY_RATE}/s over {seconds:.1f} s"
+            )
+            notes.append(
+                "samples by process: "
+                + ", ".join(f"{r} {100 * sum(roles[r].values()) / every:.1f} %" for r in ROLES)
+            )
         if errors := re.search(r"Errors: (\d+)", log.read_text(errors="replace")):
             notes.append(f"py-spy sampling errors: {errors.group(1)}")
         files = {"collapsed": str(collapsed), "svg": str(svg), "log": str(log)}
-        profile = Profile("py-spy", whole, rows, seconds, files, notes)
+        subject = "pool workers" if self._workers else "consumer process"
+        profile = Profile("py-spy", whole, rows, seconds, files, notes, subject=subject)
         return _save(profile, self._stem, self._top)
 
     def close(self) -> None:
@@ -340,19 +388,26 @@ def _save(profile: Profile, stem: Path, top: int) -> Profile:
     text = stem.with_suffix(".txt")
     profile.top = top
     profile.files["table"] = str(text)
-    text.write_text(profile.table(f"consumer process, {stem.name}") + "\n")
+    text.write_text(profile.table(f"{profile.subject}, {stem.name}") + "\n")
     return profile
 
 
 def make(
-    kind: str, stem: Path, children: Children, top: int, tree: Path, native: bool = False
+    kind: str,
+    stem: Path,
+    children: Children,
+    top: int,
+    tree: Path,
+    native: bool = False,
+    workers: bool = False,
 ) -> ConsumerProfiler:
     """A profiler for one run of the consumer in ``tree``; ``kind`` as ``choose`` returned it.
-    ``native`` (py-spy only) adds the C frames: the garbage collector, orjson, numpy."""
+    ``native`` (py-spy only) adds the C frames: the garbage collector, orjson, numpy.
+    ``workers`` (py-spy only): the pool workers' wall time instead of the consumer's CPU."""
     if kind == "py-spy":
         binary = py_spy()
         assert binary is not None
-        return PySpyProfiler(binary, stem, children, top, native)
+        return PySpyProfiler(binary, stem, children, top, native, workers)
     return CProfileProfiler(stem, top, tree)
 
 

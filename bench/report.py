@@ -1,4 +1,9 @@
-"""The table printed at the end of a run (also pasted into docs/performance.md)."""
+"""The tables printed at the end of a run (also pasted into docs/performance.md).
+
+``rows``: every (size, variant) against the ceiling and the peers. ``time_rows``: where the
+pre-filled run's worker time went (computing, or not). ``crossover_rows`` and ``crossover``:
+payloads inline and stored side by side, and from which size the stored path keeps up.
+"""
 
 from __future__ import annotations
 
@@ -17,9 +22,16 @@ HEADER = (
     "added p50 ms",
     "added p50 ms at 1/20 load",
     "peak RSS (PSS) MiB",
-    "prefilled CPU % workers/consumer/broker",
+    "prefilled CPU % workers/consumer/broker[/store]",
     "consumer÷worker CPU %",
 )
+#: How a run of the service with payloads stored is named beside its inline one.
+STORED_SUFFIX = "/stored"
+
+
+def variant_key(name: str, payloads: str) -> str:
+    """``service`` (inline) and ``service/stored``: the keys of a size's variants."""
+    return name if payloads == "inline" else f"{name}{STORED_SUFFIX}"
 
 
 def _rate(value: float | None) -> str:
@@ -29,11 +41,15 @@ def _rate(value: float | None) -> str:
         return f"{value:,.0f}"
     if value >= 10:
         return f"{value:.1f}"
-    return f"{value:.2f}"
+    if value >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3g}"  # 2048 and up: a few per minute, 0.0344 not 0.03
 
 
 def _ratio(part: dict[str, Any] | None, ceiling: float) -> str:
     if not part or "rate" not in part:
+        if part and "skipped" in part:
+            return "skipped"
         return "-" if not part or "error" not in part else "failed"
     return f"{_rate(part['rate'])} ({part['rate'] / ceiling:.2f})"
 
@@ -46,7 +62,8 @@ def _cpu(prefilled: dict[str, Any] | None) -> str:
     cpu = (prefilled or {}).get("cpu")
     if not cpu:
         return "-"
-    return "/".join(f"{100 * cpu[k]:.0f}" for k in ("workers", "consumer", "broker"))
+    parts = ("workers", "consumer", "broker", *(("store",) if "store" in cpu else ()))
+    return "/".join(f"{100 * cpu[k]:.0f}" for k in parts)
 
 
 def consumer_worker_pct(cpu: dict[str, Any] | None) -> float | None:
@@ -112,14 +129,197 @@ def rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows(report)]
-    return "\n".join(lines)
+    return _markdown(HEADER, rows(report))
 
 
 def text(report: dict[str, Any]) -> str:
-    table = [HEADER, *rows(report)]
-    widths = [max(len(row[i]) for row in table) for i in range(len(HEADER))]
+    return _text(HEADER, rows(report))
+
+
+# --- where the pre-filled time went ------------------------------------------------------------
+
+
+def time_split(
+    compute_ms: list[float], span_s: float, count: int, ceiling: float | None, cpus: int
+) -> dict[str, float] | None:
+    """The pre-filled ratio to the ceiling, taken apart: ratio = compute_busy / svd_slowdown.
+
+    - ``compute_busy``: the share of the workers' time (cpus x the window) spent in the SVD
+      (the answers' ``compute_ms``); the rest is reading and writing payloads, decoding, and
+      waiting for work;
+    - ``svd_slowdown``: one SVD's mean time in the workers over its time in the ceiling's
+      processes (cpus / ceiling rate): the same work, slower for sharing the CPUs;
+    - ``other_s``: worker time per request outside the SVD (cpus x window / answers - SVD).
+
+    None without answers or a ceiling.
+    """
+    if not compute_ms or not ceiling or span_s <= 0 or count <= 0:
+        return None
+    svd_s = sum(compute_ms) / len(compute_ms) / 1000
+    ceiling_svd_s = cpus / ceiling
+    return {
+        "compute_busy": sum(compute_ms) / 1000 / (span_s * cpus),
+        "svd_slowdown": svd_s / ceiling_svd_s,
+        "svd_s": svd_s,
+        "ceiling_svd_s": ceiling_svd_s,
+        "other_s": span_s * cpus / len(compute_ms) - svd_s,
+    }
+
+
+TIME_HEADER = (
+    "size",
+    "variant",
+    "prefilled ratio",
+    "workers computing %",
+    "SVD s: workers / ceiling",
+    "worker s per request outside the SVD",
+    "store: read s (sha256) / write s (sha256)",
+    "prefilled CPU % workers/consumer/broker[/store]",
+)
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return (
+        f"{value:.3f}"
+        if abs(value) < 1
+        else (f"{value:.2f}" if abs(value) < 10 else f"{value:.1f}")
+    )
+
+
+def _probe(probe: dict[str, Any] | None) -> str:
+    if not probe or "read_s" not in probe:
+        return "-"
+    return (
+        f"{_seconds(probe['read_s'])} ({_seconds(probe['read_sha256_s'])}) / "
+        f"{_seconds(probe['write_s'])} ({_seconds(probe['write_sha256_s'])})"
+    )
+
+
+def time_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
+    out: list[tuple[str, ...]] = []
+    for label, size in report["sizes"].items():
+        ceiling = size["ceiling"]["rate"]
+        for name, variant in size.get("variants", {}).items():
+            prefilled = variant.get("prefilled") or {}
+            split = prefilled.get("time")
+            if not split:
+                continue
+            stored = variant.get("payloads") == "stored"
+            out.append(
+                (
+                    label,
+                    name,
+                    f"{prefilled['rate'] / ceiling:.2f}",
+                    f"{100 * split['compute_busy']:.0f}",
+                    f"{_seconds(split['svd_s'])} / {_seconds(split['ceiling_svd_s'])} "
+                    f"({split['svd_slowdown']:.2f}x)",
+                    _seconds(split["other_s"]),
+                    _probe(size.get("store_probe")) if stored else "-",
+                    _cpu(prefilled),
+                )
+            )
+    return out
+
+
+# --- inline against stored: the crossover -----------------------------------------------------
+
+CROSSOVER_HEADER = (
+    "size",
+    "variant",
+    "ceiling/s",
+    "prefilled/s inline (ratio)",
+    "prefilled/s stored (ratio)",
+    "stored÷inline prefilled",
+    "sdk/s inline (ratio)",
+    "sdk/s stored (ratio)",
+    "stored÷inline sdk",
+    "added p50 ms inline / stored",
+)
+
+
+def _pairs(report: dict[str, Any]) -> list[tuple[str, str, dict[str, Any], dict[str, Any], float]]:
+    """(size, variant, inline run, stored run, ceiling) wherever a size has both."""
+    out = []
+    for label, size in report["sizes"].items():
+        variants = size.get("variants", {})
+        for name, inline in variants.items():
+            stored = variants.get(variant_key(name, "stored"))
+            if inline.get("payloads", "inline") == "inline" and stored is not None:
+                out.append((label, name, inline, stored, size["ceiling"]["rate"]))
+    return out
+
+
+def _versus(stored: dict[str, Any] | None, inline: dict[str, Any] | None) -> str:
+    if not stored or not inline or "rate" not in stored or "rate" not in inline:
+        return "-"
+    return f"{stored['rate'] / inline['rate']:.2f}"
+
+
+def crossover_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
+    out: list[tuple[str, ...]] = []
+    for label, name, inline, stored, ceiling in _pairs(report):
+        added = [(run.get("latency") or {}).get("added_p50_ms") for run in (inline, stored)]
+        out.append(
+            (
+                label,
+                name,
+                _rate(ceiling),
+                _ratio(inline.get("prefilled"), ceiling),
+                _ratio(stored.get("prefilled"), ceiling),
+                _versus(stored.get("prefilled"), inline.get("prefilled")),
+                _ratio(inline.get("sdk"), ceiling),
+                _ratio(stored.get("sdk"), ceiling),
+                _versus(stored.get("sdk"), inline.get("sdk")),
+                f"{_ms(added[0])} / {_ms(added[1])}",
+            )
+        )
+    return out
+
+
+def crossover(report: dict[str, Any]) -> dict[str, dict[str, str | None]]:
+    """Per variant and scenario (prefilled, sdk): the smallest size from which the stored path
+    is at least as fast as inline at that size and every larger one measured; None where it
+    never is (or is not measured)."""
+    by_variant: dict[str, list[tuple[int, str, dict[str, Any], dict[str, Any]]]] = {}
+    for label, name, inline, stored, _ in _pairs(report):
+        rows, cols = report["sizes"][label]["shape"]
+        by_variant.setdefault(name, []).append((rows * cols, label, inline, stored))
+    out: dict[str, dict[str, str | None]] = {}
+    for name, pairs in by_variant.items():
+        pairs.sort(key=lambda pair: pair[0])
+        out[name] = {}
+        for scenario in ("prefilled", "sdk"):
+            found: str | None = None
+            for _, label, inline, stored in pairs:
+                a, b = inline.get(scenario) or {}, stored.get(scenario) or {}
+                keeps_up = "rate" in a and "rate" in b and b["rate"] >= a["rate"]
+                found = (found or label) if keeps_up else None
+            out[name][scenario] = found
+    return out
+
+
+def crossover_text(report: dict[str, Any]) -> str:
+    lines = []
+    for name, found in crossover(report).items():
+        said = [
+            f"{scenario}: from {label}" if label else f"{scenario}: at none of the sizes"
+            for scenario, label in found.items()
+        ]
+        lines.append(f"stored at least as fast as inline ({name}): " + "; ".join(said))
+    return "\n".join(lines)
+
+
+def _markdown(header: tuple[str, ...], body: list[tuple[str, ...]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def _text(header: tuple[str, ...], body: list[tuple[str, ...]]) -> str:
+    table = [header, *body]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     return "\n".join(
         "  ".join(
             cell.rjust(w) if i > 1 else cell.ljust(w)
@@ -127,3 +327,49 @@ def text(report: dict[str, Any]) -> str:
         )
         for row in table
     )
+
+
+def notes(report: dict[str, Any]) -> list[str]:
+    """What a run left out or found amiss, per size: a way of sending payloads not measured, a
+    peer skipped, answers that were errors, objects the stored runs left in the store."""
+    out: list[str] = []
+    for label, size in report["sizes"].items():
+        if note := size.get("payloads_note"):
+            out.append(f"{label}: {note}")
+        for peer in ("quickfix", "celery"):
+            if skipped := (size.get(peer) or {}).get("skipped"):
+                out.append(f"{label}: {peer} skipped: {skipped}")
+        for name, variant in size.get("variants", {}).items():
+            if errors := (variant.get("prefilled") or {}).get("errors"):
+                out.append(f"{label} {name}: {errors} pre-filled answers were errors")
+            if left := variant.get("store_objects_left"):
+                out.append(f"{label} {name}: {left} objects were left in the store (deleted)")
+    return out
+
+
+def all_markdown(report: dict[str, Any]) -> str:
+    """Every table of a report, as docs/performance.md shows them."""
+    parts = [markdown(report)]
+    if body := time_rows(report):
+        parts.append(_markdown(TIME_HEADER, body))
+    if body := crossover_rows(report):
+        parts.append(_markdown(CROSSOVER_HEADER, body))
+        parts.append(crossover_text(report))
+    if said := notes(report):
+        parts.append("\n".join(f"- {note}" for note in said))
+    return "\n\n".join(parts)
+
+
+def all_text(report: dict[str, Any]) -> str:
+    """Every table of a report, for the terminal."""
+    parts = [text(report)]
+    if body := time_rows(report):
+        parts.append("Where the pre-filled time went (ratio = computing % / SVD slowdown):")
+        parts.append(_text(TIME_HEADER, body))
+    if body := crossover_rows(report):
+        parts.append("Payloads inline and stored, side by side:")
+        parts.append(_text(CROSSOVER_HEADER, body))
+        parts.append(crossover_text(report))
+    if said := notes(report):
+        parts.append("Notes:\n" + "\n".join(f"- {note}" for note in said))
+    return "\n\n".join(parts)
