@@ -36,6 +36,10 @@ from objectstore.locations import Location, ObjectUrl, file_path
 from objectstore.settings import StoreSettings
 
 Buffer = bytes | bytearray | memoryview
+# Multipart upload parts: obstore's default of 5 MiB (S3's minimum) cost a 64 MiB upload to the
+# local S3Proxy a quarter more time than 16 MiB parts, which come within a few percent of one
+# single PUT while keeping parts small enough to retry (the bench's #17 section).
+_PART_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +106,9 @@ class PayloadStore:
             if ref.scheme == "file":
                 _write_file(Path(ref.key), chunks)
             else:
-                obstore.put(self._bucket(ref.bucket), ref.key, _nonempty(chunks))
+                obstore.put(
+                    self._bucket(ref.bucket), ref.key, _nonempty(chunks), chunk_size=_PART_BYTES
+                )
         return StoredObject(url, nbytes, digest)
 
     def delete(self, url: str) -> None:
@@ -165,7 +171,9 @@ class PayloadStore:
             return await asyncio.to_thread(self.write, key, chunks)
         digest, nbytes = await asyncio.to_thread(_digest, chunks)
         with _mapped(url, None):
-            await obstore.put_async(self._bucket(ref.bucket), ref.key, _nonempty(chunks))
+            await obstore.put_async(
+                self._bucket(ref.bucket), ref.key, _nonempty(chunks), chunk_size=_PART_BYTES
+            )
         return StoredObject(url, nbytes, digest)
 
     async def delete_async(self, url: str) -> None:
