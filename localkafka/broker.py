@@ -92,7 +92,7 @@ def free_port(host: str) -> int:
         return int(sock.getsockname()[1])
 
 
-def _die_with_parent() -> None:
+def exit_with_parent() -> None:
     """Runs in the child before exec: the kernel sends SIGTERM to the JVM if its parent dies."""
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -214,7 +214,7 @@ class LocalBroker:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C in the terminal reaches us, and we stop it in order
-                preexec_fn=_die_with_parent if die_with_parent else None,
+                preexec_fn=exit_with_parent if die_with_parent else None,
             )
         state = BrokerState(self._proc.pid, port, controller_port, self.settings.host, extra_ports)
         self.state_file.write_text(json.dumps(asdict(state)))

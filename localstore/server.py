@@ -10,7 +10,6 @@ store started again comes back where its clients expect it, with its objects.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import http.client
 import json
 import logging
@@ -29,7 +28,7 @@ import obstore
 from obstore.exceptions import BaseError as ObstoreError
 from obstore.store import S3Store
 
-from localkafka.broker import free_port, is_alive, write_private
+from localkafka.broker import exit_with_parent, free_port, is_alive, write_private
 from localstore.errors import LocalStoreError
 from localstore.jar import ensure_jar
 from localstore.settings import LocalStoreSettings
@@ -38,8 +37,6 @@ log = logging.getLogger(__name__)
 
 SERVICE_PREFIX = "SVD_STORE_"  # objectstore.StoreSettings of the service (svd-consumer)
 CLIENT_PREFIX = "SVD_CLIENT_STORE_"  # the SDK's store settings (producer_sdk)
-
-_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -126,12 +123,6 @@ def answers_http(host: str, port: int, timeout_s: float = 1.0) -> bool:
 def short_error(exc: BaseException) -> str:
     """An obstore error without the Rust debug dump it appends ("Debug source: ...")."""
     return str(exc).split("\n\nDebug source:", 1)[0].strip()
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: the kernel sends SIGTERM to the JVM if its parent dies."""
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _port_is_free(host: str, port: int) -> bool:
@@ -300,7 +291,7 @@ class LocalStore:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C in the terminal reaches us, and we stop it in order
-                preexec_fn=_die_with_parent if die_with_parent else None,
+                preexec_fn=exit_with_parent if die_with_parent else None,
             )
         state = StoreState(self._proc.pid, port, self.settings.host)
         self.state_file.write_text(json.dumps(asdict(state)))
