@@ -105,12 +105,12 @@ def _decode(
     except ContractError as err:
         return _refused(err, value, headers, created_at_ms=None, computed=False)
     meta = request.meta
+    store_result = _stores_result(meta, context)
     try:
-        codec.check_answerable(request, context.limits)
+        codec.check_answerable(request, context.limits, factors_stored=store_result)
     except ContractError as err:
         return _refused(err, value, headers, meta=meta, created_at_ms=None, computed=False)
     encoding = request.reply_encoding
-    store_result = _stores_result(meta, context)
     room = codec.STORED_RESULT_ROOM if store_result else codec.result_room(meta, encoding)
     if room > item.out.nbytes:
         return NeedsRoom(room)
@@ -129,7 +129,7 @@ def _decode(
         try:
             data = _store(context).read(ref.url, ref.nbytes, ref.sha256, meta.request_id)
             request = codec.load_stored_request(request, data, context.limits)
-            codec.check_answerable(request, context.limits)
+            codec.check_answerable(request, context.limits, factors_stored=store_result)
         except ContractError as err:
             return _refused(err, value, headers, meta=meta, created_at_ms=created_ms,
                             computed=False, again=err.code is ErrorCode.STORE_UNAVAILABLE)  # fmt: skip

@@ -48,7 +48,7 @@ from schemas.headers import (
     encoding_of,
     header_value,
 )
-from schemas.limits import DecodeLimits, result_limit, stores_result
+from schemas.limits import DecodeLimits, result_limit
 from schemas.models import (
     ERROR_SCHEMA_VERSION,
     ITEMSIZE,
@@ -278,15 +278,18 @@ def result_bytes(
     return _JSON_RESULT_OVERHEAD + numbers * _JSON_BYTES_PER_NUMBER[itemsize]
 
 
-def check_answerable(request: DecodedRequest, limits: DecodeLimits | None = None) -> None:
+def check_answerable(
+    request: DecodedRequest, limits: DecodeLimits | None = None, *, factors_stored: bool = False
+) -> None:
     """Refuse before computing what a decoded request could not be answered with: a JSON result
     over the limit (its worst case, as a binary one over the limit is refused by the size
     checks), and a float64 matrix asked to be computed in float32 that holds a value beyond
     float32's range (it would become infinite in the cast, and the input the caller sent is
-    finite). Raises ContractError."""
+    finite). ``factors_stored``: the factors go to the store (the worker decided), so no JSON
+    result carries them. Raises ContractError."""
     limits = limits or _DEFAULT_LIMITS
     meta, matrix, encoding = request.meta, request.matrix, request.reply_encoding
-    if encoding is Encoding.JSON and not stores_result(meta.schema_version, limits):
+    if encoding is Encoding.JSON and not factors_stored:
         worst = result_room(meta, encoding)
         if worst > limits.max_result_bytes:
             numbers = (worst - _JSON_RESULT_OVERHEAD) // _JSON_BYTES_PER_NUMBER[

@@ -224,3 +224,18 @@ def test_an_unreachable_store_is_refused_as_store_unavailable_to_be_tried_again(
         True,
         True,
     )
+
+
+def test_factors_kept_inline_as_json_are_held_to_the_record_limit_with_a_store(
+    store: PayloadStore,
+) -> None:
+    # With a store the service could take these factors, but they stay under its threshold, so
+    # they would travel as JSON text: three times their size, over this record limit.
+    limits = DecodeLimits(max_result_bytes=64 * 1024, max_stored_result_bytes=1 << 30)
+    context = WorkerContext(limits, "i", "h", store=store.settings, store_results_above=1 << 20)
+    _, message = make_request(
+        RNG.standard_normal((64, 64)), encoding=codec.Encoding.JSON, options={"full_matrices": True}
+    )
+    outcome, _ = _answer(message, context)
+    assert isinstance(outcome, Refused)
+    assert outcome.code == ErrorCode.LIMIT_EXCEEDED and "JSON result" in outcome.message
