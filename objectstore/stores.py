@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -256,9 +257,15 @@ class _mapped:
         ) from exc
 
 
+# The client's messages name the endpoint ("Error performing HEAD http://10.0.0.5:9000/..."):
+# these messages reach producers in error results, which should not learn internal addresses.
+_ENDPOINT_URL = re.compile(r"https?://[^\s/]+")
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]
+    line = text[0] if text else type(exc).__name__
+    return _ENDPOINT_URL.sub("<endpoint>", line)[:300]
 
 
 def _first(nbytes: int) -> GetOptions:

@@ -166,6 +166,9 @@ def test_an_unreachable_s3_endpoint_is_store_unavailable_and_retryable() -> None
         store.read("s3://svd-payloads/requests/a", 8, "0" * 64)
     assert caught.value.retryable
     assert caught.value.code is ErrorCode.STORE_UNAVAILABLE
+    # The message reaches the producer: it says what failed, not where the endpoint is.
+    assert "127.0.0.1:9" not in caught.value.message
+    assert "<endpoint>" in caught.value.message
 
 
 def test_the_async_api_reads_and_writes_the_same_objects(tmp_path: Path) -> None:
