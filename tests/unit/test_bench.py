@@ -139,7 +139,10 @@ def _fake_tree(tmp_path: Path) -> Path:
         "    total = 0\n"
         "    for i in range(10_000):\n"
         "        total += i\n"
-        "pathlib.Path(sys.argv[1]).write_text(' '.join(sys.argv))\n"
+        # Written aside and renamed, so the test never reads a file created but not yet written.
+        "pending = pathlib.Path(sys.argv[1] + '.pending')\n"
+        "pending.write_text(' '.join(sys.argv))\n"
+        "pending.rename(sys.argv[1])\n"
         "while not stop:\n"
         "    spin_in_the_tree()\n"
         "sys.exit(3)\n"
