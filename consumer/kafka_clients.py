@@ -68,6 +68,9 @@ class KafkaClients:
         return AIOKafkaConsumer(
             client_id=s.instance_id,
             group_id=s.group_id,
+            # Static membership: a restart within the session timeout gets its partitions back
+            # without a rebalance, and stop() sends no LeaveGroup (aiokafka skips it).
+            group_instance_id=s.group_instance_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_interval_ms=int(s.max_poll_interval_s * 1000),

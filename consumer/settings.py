@@ -52,6 +52,25 @@ def _no_key_password() -> str:
     raise ValueError("ssl_keyfile is encrypted: set ssl_key_password or ssl_key_password_file")
 
 
+# A dynamic member that dies is noticed within the session timeout, so it stays short. A static
+# member's restart must fit in it (a pod rescheduled, a JVM-free Python start, the pool warmed),
+# so it is longer, as in Kafka's own clients since 3.0 (45 s).
+DYNAMIC_SESSION_TIMEOUT_S = 10.0
+STATIC_SESSION_TIMEOUT_S = 45.0
+
+
+def _static_membership(data: Any) -> Any:
+    """Expand ``{hostname}`` in group_instance_id; a static member's default session is longer."""
+    if not isinstance(data, dict) or not data.get("group_instance_id"):
+        return data
+    data = dict(data)
+    data["group_instance_id"] = str(data["group_instance_id"]).replace(
+        "{hostname}", socket.gethostname()
+    )
+    data.setdefault("session_timeout_s", STATIC_SESSION_TIMEOUT_S)
+    return data
+
+
 def _default_instance_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
@@ -69,8 +88,25 @@ class ConsumerSettings(BaseSettings):
     results_topic: str = "svd-results"
     dlq_topic: str = "svd-dlq"
     instance_id: str = Field(default_factory=_default_instance_id)
+    group_instance_id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=249,
+        description=(
+            "static membership (KIP-345): a name stable across restarts and unique in the "
+            "group, e.g. a StatefulSet pod's; {hostname} stands for the host name. A restart "
+            "within session_timeout_s then costs no rebalance"
+        ),
+    )
     max_poll_interval_s: float = Field(default=300.0, gt=0)
-    session_timeout_s: float = Field(default=10.0, gt=0)
+    session_timeout_s: float = Field(
+        default=DYNAMIC_SESSION_TIMEOUT_S,
+        gt=0,
+        description=(
+            f"default {DYNAMIC_SESSION_TIMEOUT_S:g}, or {STATIC_SESSION_TIMEOUT_S:g} with "
+            "group_instance_id: a static member's partitions wait this long for it to come back"
+        ),
+    )
     heartbeat_interval_s: float = Field(default=3.0, gt=0)
     fetch_max_bytes: int = Field(default=64 * MIB, ge=MIB)
     max_message_bytes: int = Field(default=64 * MIB, ge=MIB)
@@ -225,6 +261,11 @@ class ConsumerSettings(BaseSettings):
     @classmethod
     def _secrets_from_files(cls, data: Any) -> Any:
         return _read_secret_files(data)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _static_membership(cls, data: Any) -> Any:
+        return _static_membership(data)
 
     @model_validator(mode="after")
     def _check_security(self) -> ConsumerSettings:
