@@ -23,7 +23,7 @@ import numpy as np
 
 from demo.large import run_large
 from demo.workload import Report, run_workload
-from localkafka import BrokerError, LocalBroker, ensure_topics
+from localkafka import BrokerError, ensure_topics, local_kafka
 from localstore import CLIENT_PREFIX, SERVICE_PREFIX, LocalStore, LocalStoreError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -105,7 +105,7 @@ def _summary(report: Report) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    broker = LocalBroker()
+    broker = local_kafka()  # SVD_BROKER_NODES=3: a replicated cluster
     store = LocalStore()
     # A store already up (`svd-store up`) is used and left running; one started here is stopped.
     own_store = store.status() is None
@@ -114,12 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         print(
-            "starting the local Kafka broker (the first run fetches its jars with Maven) ...",
+            "starting the local Kafka (the first run fetches its jars with Maven) ...",
             flush=True,
         )
         state = broker.start(die_with_parent=True)
         topics = asyncio.run(ensure_topics(state.bootstrap, broker.topics))
-        print(f"broker ready at {state.bootstrap}; topics {topics}", flush=True)
+        print(f"Kafka ready at {state.bootstrap}; topics {topics}", flush=True)
         print("starting the local object store (S3Proxy; the first run fetches it) ...", flush=True)
         store_state = store.start(die_with_parent=True)
         print(

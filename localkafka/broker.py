@@ -1,4 +1,7 @@
-"""Start, probe and stop one single-node KRaft broker (broker and controller in one JVM).
+"""Start, probe and stop one KRaft node (broker and controller in one JVM).
+
+Alone, it is the project's single-node broker; given a ``Quorum`` it is one voter of a
+``LocalCluster`` (localkafka/cluster.py).
 
 State lives in a work directory: the generated configs, the log directory, ``broker.log`` and
 ``broker.json`` (pid and ports). Ports chosen on the first start are kept, so a restarted broker
@@ -70,6 +73,22 @@ class ExtraListener:
 
 
 @dataclass(frozen=True)
+class Quorum:
+    """This node's place in a cluster of combined broker+controller nodes.
+
+    ``voters`` is the static ``controller.quorum.voters`` list (``1@host:port,...``); every node
+    is formatted with the same ``cluster_id``. ``replication`` sizes the internal topics
+    (offsets, transaction state), ``min_insync`` their and the cluster's default min ISR.
+    """
+
+    node_id: int
+    voters: str
+    cluster_id: str
+    replication: int
+    min_insync: int
+
+
+@dataclass(frozen=True)
 class BrokerState:
     pid: int
     port: int
@@ -126,8 +145,10 @@ class LocalBroker:
         extra_listeners: Sequence[ExtraListener] = (),
         extra_properties: Mapping[str, str] | None = None,
         format_args: Sequence[str] = (),
+        quorum: Quorum | None = None,
     ) -> None:
         self.settings = settings or BrokerSettings()
+        self.quorum = quorum
         self.topics = topics or TopicSettings()
         self.workdir = (
             workdir or self.settings.workdir or self.settings.home / "instance"
@@ -195,6 +216,16 @@ class LocalBroker:
         running = self.status()
         if running is not None:
             return running
+        state = self.launch(die_with_parent=die_with_parent)
+        self.wait_ready(state)
+        return state
+
+    def launch(self, *, die_with_parent: bool = False) -> BrokerState:
+        """Start the JVM without waiting for it to answer: a cluster's nodes answer only once a
+        majority of them runs, so ``LocalCluster`` launches them all, then waits for each."""
+        running = self.status()
+        if running is not None:
+            return running
         java = shutil.which("java")
         if java is None:
             raise BrokerError(
@@ -220,12 +251,15 @@ class LocalBroker:
         self.state_file.write_text(json.dumps(asdict(state)))
         # Kept after stop() (which removes the state file), so a restart reuses the ports.
         self.ports_file.write_text(json.dumps(asdict(state)))
+        return state
+
+    def wait_ready(self, state: BrokerState) -> None:
+        """Wait until the node answers a metadata request; stop it if it does not."""
         try:
             self._wait_ready(state)
         except BaseException:
             self.stop()
             raise
-        return state
 
     def _previous(self) -> BrokerState | None:
         try:
@@ -287,10 +321,12 @@ class LocalBroker:
         protocol_map = ",".join(
             ["PLAINTEXT:PLAINTEXT", "CONTROLLER:PLAINTEXT", *(f"{n}:{sp}" for n, sp, _ in extra)]
         )
+        quorum = self.quorum or Quorum(1, f"1@{host}:{controller_port}", "", 1, 1)
+        replication, min_insync = str(quorum.replication), str(quorum.min_insync)
         props = {
             "process.roles": "broker,controller",
-            "node.id": "1",
-            "controller.quorum.voters": f"1@{host}:{controller_port}",
+            "node.id": str(quorum.node_id),
+            "controller.quorum.voters": quorum.voters,
             "listeners": f"{client_listeners},CONTROLLER://{host}:{controller_port}",
             "advertised.listeners": client_listeners,
             "controller.listener.names": "CONTROLLER",
@@ -299,13 +335,15 @@ class LocalBroker:
             "log.dirs": str(self.data_dir),
             "num.partitions": "1",
             "auto.create.topics.enable": "false",
-            "offsets.topic.replication.factor": "1",
+            "default.replication.factor": replication,
+            "min.insync.replicas": min_insync,
+            "offsets.topic.replication.factor": replication,
             "offsets.topic.num.partitions": "4",
-            "transaction.state.log.replication.factor": "1",
-            "transaction.state.log.min.isr": "1",
+            "transaction.state.log.replication.factor": replication,
+            "transaction.state.log.min.isr": min_insync,
             "transaction.state.log.num.partitions": "4",
-            "share.coordinator.state.topic.replication.factor": "1",
-            "share.coordinator.state.topic.min.isr": "1",
+            "share.coordinator.state.topic.replication.factor": replication,
+            "share.coordinator.state.topic.min.isr": min_insync,
             "group.initial.rebalance.delay.ms": "0",
             "message.max.bytes": str(max_bytes),
             "replica.fetch.max.bytes": str(max_bytes),
@@ -321,19 +359,10 @@ class LocalBroker:
     def _format_storage(self, java: str, libs: Path, config: Path) -> None:
         if (self.data_dir / "meta.properties").exists():
             return
-        base = [java, "-Xmx256m", "-cp", f"{libs}/*", "kafka.tools.StorageTool"]
-        cluster_id = (
-            subprocess.run([*base, "random-uuid"], capture_output=True, text=True, check=False)
-            .stdout.strip()
-            .splitlines()
-        )
-        if not cluster_id:
-            raise BrokerError(
-                "kafka.tools.StorageTool random-uuid printed nothing; is the jar cache complete?"
-            )
+        cluster_id = self.quorum.cluster_id if self.quorum else random_cluster_id(java, libs)
         try:
             proc = subprocess.run(
-                self._format_command(java, libs, config, cluster_id[-1]),
+                self._format_command(java, libs, config, cluster_id),
                 capture_output=True,
                 text=True,
                 check=False,
@@ -390,6 +419,7 @@ class LocalBroker:
             return False
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGTERM)
+            os.killpg(pid, signal.SIGCONT)  # a paused JVM handles the SIGTERM once resumed
         if not self._wait_gone(pid, self.settings.stop_timeout_s):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
@@ -406,6 +436,20 @@ class LocalBroker:
                 os.killpg(state.pid, signal.SIGKILL)
             self._wait_gone(state.pid, 10.0)
         self._reap()
+
+    def pause(self) -> None:
+        """SIGSTOP the broker, for fault tests: a hung node that keeps its sockets open."""
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT a paused broker."""
+        self._signal(signal.SIGCONT)
+
+    def _signal(self, sig: signal.Signals) -> None:
+        state = self.status()
+        if state is None:
+            raise BrokerError(f"no broker is running in {self.workdir}")
+        os.killpg(state.pid, sig)
 
     def _wait_gone(self, pid: int, timeout: float) -> bool:
         if self._proc is not None and self._proc.pid == pid:
@@ -432,6 +476,21 @@ class LocalBroker:
         """Stop and delete the work directory (ephemeral brokers of a test session)."""
         self.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def random_cluster_id(java: str, libs: Path) -> str:
+    """A new cluster id from ``kafka-storage random-uuid``."""
+    base = [java, "-Xmx256m", "-cp", f"{libs}/*", "kafka.tools.StorageTool"]
+    lines = (
+        subprocess.run([*base, "random-uuid"], capture_output=True, text=True, check=False)
+        .stdout.strip()
+        .splitlines()
+    )
+    if not lines:
+        raise BrokerError(
+            "kafka.tools.StorageTool random-uuid printed nothing; is the jar cache complete?"
+        )
+    return lines[-1]
 
 
 def write_private(path: Path, text: str | bytes, *, replace: bool = True) -> None:

@@ -23,6 +23,12 @@ class BrokerSettings(BaseSettings):
     controller_port: int = Field(default=0, ge=0, le=65535)
     host: str = "127.0.0.1"
     heap_mb: int = Field(default=512, ge=128)
+    nodes: int = Field(
+        default=1,
+        ge=1,
+        le=9,
+        description="1: one broker; more: a KRaft cluster (localkafka/cluster.py)",
+    )
     start_timeout_s: float = Field(default=90.0, gt=0)
     stop_timeout_s: float = Field(default=30.0, gt=0)
 
@@ -43,6 +49,15 @@ class TopicSettings(BaseSettings):
     results_partitions: int = Field(default=4, ge=1)
     dlq_partitions: int = Field(default=1, ge=1)
     max_message_bytes: int = Field(default=64 * MIB, ge=MIB)
+    # 0: follow the cluster, min(3, brokers) replicas and min.insync.replicas one less (at least
+    # 1), so a replicated cluster keeps taking writes with one node down and loses none acked.
+    replication_factor: int = Field(default=0, ge=0)
+    min_insync_replicas: int = Field(default=0, ge=0)
+
+    def replication_for(self, brokers: int) -> tuple[int, int]:
+        """(replication factor, min.insync.replicas) on a cluster of ``brokers`` nodes."""
+        replicas = self.replication_factor or min(3, brokers)
+        return replicas, self.min_insync_replicas or max(1, replicas - 1)
 
     def partitions(self) -> dict[str, int]:
         return {

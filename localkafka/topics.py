@@ -21,13 +21,18 @@ async def ensure_topics(
     """Create missing topics; return {topic: partitions} as the broker reports them."""
     settings = settings or TopicSettings()
     wanted = {**settings.partitions(), **(extra or {})}
-    config = {"max.message.bytes": str(settings.max_message_bytes)}
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
     await admin.start()
     try:
+        brokers = len((await admin.describe_cluster())["brokers"])
+        replicas, min_insync = settings.replication_for(brokers)
+        config = {
+            "max.message.bytes": str(settings.max_message_bytes),
+            "min.insync.replicas": str(min_insync),
+        }
         existing = set(await admin.list_topics())
         missing = [
-            NewTopic(name, partitions, 1, topic_configs=config)
+            NewTopic(name, partitions, replicas, topic_configs=config)
             for name, partitions in wanted.items()
             if name not in existing
         ]
@@ -57,3 +62,31 @@ async def _wait_visible(
                 f"topics not visible after {timeout_s:.0f}s: wanted {wanted}, saw {seen}"
             )
         await asyncio.sleep(0.1)
+
+
+async def partition_leaders(bootstrap: str, topic: str) -> dict[int, int]:
+    """{partition: leader node id} of ``topic`` as the cluster reports it (-1: no leader)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
+    await admin.start()
+    try:
+        (described,) = await admin.describe_topics([topic])
+        return {p["partition"]: p["leader"] for p in described["partitions"]}
+    finally:
+        await admin.close()
+
+
+async def under_replicated(bootstrap: str) -> list[str]:
+    """Partitions (internal topics' too) without a leader or with a replica out of sync."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
+    await admin.start()
+    try:
+        names = await admin.list_topics()
+        described = await admin.describe_topics(names) if names else []
+    finally:
+        await admin.close()
+    return [
+        f"{t['topic']}-{p['partition']} (leader {p['leader']}, isr {sorted(p['isr'])})"
+        for t in described
+        for p in t["partitions"]
+        if p["leader"] < 0 or set(p["isr"]) != set(p["replicas"])
+    ]
