@@ -143,6 +143,43 @@ class Metrics:
             registry=r,
         )
         self.ready = Gauge("svd_ready", "1 when /readyz answers 200", registry=r)
+        # The cluster as this member sees it (consumer/broker_events.py, consumer/rebalance.py).
+        self.broker_connection_losses = Counter(
+            "svd_broker_connection_losses",
+            "Outages of a broker: connection lost or refused until it answered again, per node "
+            "id (or bootstrap host:port)",
+            ["node"],
+            registry=r,
+        )
+        self.brokers_unreachable = Gauge(
+            "svd_brokers_unreachable",
+            "Brokers lost and not answering again yet",
+            registry=r,
+        )
+        self.partition_leader_changes = Counter(
+            "svd_partition_leader_changes",
+            "Partitions of the service's topics that got a new leader (moved, or elected)",
+            ["topic"],
+            registry=r,
+        )
+        self.partitions_without_leader = Gauge(
+            "svd_partitions_without_leader",
+            "Partitions of the service's topics with no leader in the metadata",
+            registry=r,
+        )
+        self.group_coordinator_changes = Counter(
+            "svd_group_coordinator_changes",
+            "Times the consumer group's coordinator was lost or moved to another broker",
+            registry=r,
+        )
+        self.rebalances = Counter(
+            "svd_rebalances",
+            "Rebalance callbacks: partitions assigned to, or revoked from, this member",
+            ["kind"],
+            registry=r,
+        )
+        for kind in ("assigned", "revoked"):
+            self.rebalances.labels(kind=kind)
 
 
 # Sample suffixes each metric type adds to its family name in the text exposition.

@@ -81,6 +81,7 @@ class Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         if self._outbox is not None:
             await self._outbox.open(assigned)  # fences the previous owner of each partition
         self.joined = True
+        self._metrics.rebalances.labels(kind="assigned").inc()
         stopping = self._intake.stopping
         # Pause flags do not survive a rebalance: re-apply ours to what we were given.
         if self._intake.paused or stopping:
@@ -101,6 +102,8 @@ class Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         revoked = set(partitions)
         self._intake.forget_fetched(revoked)
         self.joined = False  # until the rebalance assigns again
+        if revoked:  # the first join revokes nothing
+            self._metrics.rebalances.labels(kind="revoked").inc()
         if not self.closing:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + self._wait_s

@@ -23,6 +23,7 @@ from aiokafka.structs import ConsumerRecord
 
 from consumer import admission, allocator
 from consumer.admission import Ticket
+from consumer.broker_events import POLL_INTERVAL_S, BrokerEvents
 from consumer.claims import Claims
 from consumer.commits import Committer
 from consumer.cpu import available_cpus, blas_threads_per_worker
@@ -83,6 +84,7 @@ class SvdService:
         self.paused = False
         self.ready = asyncio.Event()  # joined the group with the pool up
         self.broker = BrokerContact(settings.ready_broker_window_s)
+        self._broker_events = BrokerEvents(self.metrics)
         self._outbox: TransactionalOutbox | None = None
         self._limits = limits_from(settings)
         self._store_results_above = (
@@ -173,10 +175,16 @@ class SvdService:
         m.inflight_requests_limit.set(self.inflight.budget.max_requests)
         m.inflight_bytes_limit.set(self.inflight.budget.max_bytes)
         clients = KafkaClients(s)
+        # Before the first client starts, so a bootstrap failure is reported too; the watcher
+        # task (below) detaches it when the shutdown cancels it, before the clients close.
+        self._broker_events.attach()
+        self._exit.callback(self._broker_events.close)
         self._producer = clients.answers_producer()
+        self._broker_events.watch_producer(self._producer, [s.results_topic, s.dlq_topic])
         self._exit.push_async_callback(self._producer.stop)
         await self._producer.start()
         consumer = clients.requests_consumer()
+        self._broker_events.watch_consumer(consumer, [s.requests_topic], s.group_id)
         self._exit.push_async_callback(consumer.stop)
         if s.processing_guarantee == "exactly_once":
             self._outbox = TransactionalOutbox(
@@ -211,6 +219,8 @@ class SvdService:
             self._committer.every(s.commit_interval_s), name="committer", critical=True
         )
         self._background.spawn(self._lag.run(s.lag_interval_s), name="lag", critical=True)
+        # Not critical: operators lose the broker event lines, never the service.
+        self._background.spawn(self._broker_events.run(POLL_INTERVAL_S), name="broker-events")
         if s.allocator_trim_interval_s > 0:
             self._background.spawn(
                 self._trim_every(s.allocator_trim_interval_s), name="allocator", critical=True
