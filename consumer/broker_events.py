@@ -65,6 +65,16 @@ _METADATA_ALL = "Unable to update metadata from %s"
 _HEARTBEAT_FAILED = "Heartbeat send request failed: %s. Will retry."  # (err,)
 _SESSION_EXPIRED = "Heartbeat session expired - marking coordinator dead"  # ()
 _COORDINATOR_DEAD = "Marking the coordinator dead (node %s)for group %s."  # (node_id, group)
+# The coordinator no longer knows this member: its session expired, or (static membership)
+# another process joined with the same group.instance.id and took its place. aiokafka sends its
+# heartbeats without the instance id, so the broker answers UNKNOWN_MEMBER_ID, not
+# FENCED_INSTANCE_ID, and aiokafka rejoins; two processes with one id then take turns for ever.
+_MEMBER_UNKNOWN = (
+    "Heartbeat failed: local member_id was not recognized; resetting and re-joining group"
+)
+# Dropped this often within the window, a static member is almost surely sharing its id.
+_DROPS_FOR_DUPLICATE = 3
+_DROPS_WINDOW_S = 60.0
 
 _CONNECTION_ERRORS = (
     KafkaConnectionError,
@@ -79,6 +89,7 @@ _TEMPLATES = frozenset(
     (
         _CONNECT_NODE, _CONNECT_ADDRESS, _METADATA_NODE, _METADATA_ADDRESS, _FETCH, _OFFSETS,
         _SEND, _METADATA_ALL, _HEARTBEAT_FAILED, _SESSION_EXPIRED, _COORDINATOR_DEAD,
+        _MEMBER_UNKNOWN,
     )
 )  # fmt: skip
 
@@ -174,6 +185,9 @@ class BrokerEvents:
         self._group: str | None = None
         self._coordinator: int | None = None  # the last coordinator seen
         self._coordinator_lost: _CoordinatorLoss | None = None
+        self._instance_id: str | None = None  # static membership's group.instance.id
+        self._drops: list[float] = []  # when the coordinator last dropped this member
+        self._duplicate_said_at: float | None = None
         self._failures = 0
 
     # -- set-up --------------------------------------------------------------------------------
@@ -206,11 +220,18 @@ class BrokerEvents:
     def watch_producer(self, producer: Any, topics: Iterable[str] = ()) -> None:
         self.watch(getattr(producer, "client", None), topics)
 
-    def watch_consumer(self, consumer: Any, topics: Iterable[str], group_id: str) -> None:
+    def watch_consumer(
+        self,
+        consumer: Any,
+        topics: Iterable[str],
+        group_id: str,
+        instance_id: str | None = None,
+    ) -> None:
         # aiokafka 0.14.0: AIOKafkaConsumer._client, ._coordinator (GroupCoordinator).
         self.watch(getattr(consumer, "_client", None), topics)
         self._consumer = consumer
         self._group = group_id
+        self._instance_id = instance_id
 
     def _tracked_topics(self) -> set[str]:
         return {t for _, topics in self._clients for t in topics}
@@ -248,6 +269,31 @@ class BrokerEvents:
                 self._lost(node, None, "no heartbeat answered within the session timeout", now)
         elif template == _COORDINATOR_DEAD and len(args) == 2 and isinstance(args[0], int):
             self._coordinator_gone(args[0], now)
+        elif template == _MEMBER_UNKNOWN:
+            self._dropped(now)
+
+    def _dropped(self, now: float) -> None:
+        """The coordinator dropped this member: one line per drop, and for a static member
+        dropped again and again, one ERROR naming the likely cause (every ten minutes)."""
+        self._metrics.member_drops.inc()
+        self._drops = [t for t in self._drops if now - t < _DROPS_WINDOW_S] + [now]
+        if self._instance_id is None or len(self._drops) < _DROPS_FOR_DUPLICATE:
+            log.warning(
+                "the coordinator of group %s no longer knew this member (its session expired "
+                "or it was replaced); rejoining, its partitions are reassigned",
+                self._group,
+            )
+            return
+        said = self._duplicate_said_at
+        if said is None or now - said >= 10 * _DROPS_WINDOW_S:
+            self._duplicate_said_at = now
+            log.error(
+                "the coordinator of group %s dropped this member %d times in %.0f s: another "
+                "running process most likely uses group_instance_id %r too, and each join "
+                "fences the other (both keep rebalancing, and answer requests twice). Give "
+                "every instance its own SVD_GROUP_INSTANCE_ID",
+                self._group, len(self._drops), _DROPS_WINDOW_S, self._instance_id,
+            )  # fmt: skip
 
     def _lost(
         self, node: object, address: tuple[str, object] | None, err: object, now: float

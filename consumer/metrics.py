@@ -172,6 +172,12 @@ class Metrics:
             "Times the consumer group's coordinator was lost or moved to another broker",
             registry=r,
         )
+        self.member_drops = Counter(
+            "svd_group_member_drops",
+            "Times the group coordinator no longer knew this member (session expired, or its "
+            "group_instance_id taken by another process) and it rejoined",
+            registry=r,
+        )
         self.rebalances = Counter(
             "svd_rebalances",
             "Rebalance callbacks: partitions assigned to, or revoked from, this member",

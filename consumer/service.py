@@ -184,7 +184,9 @@ class SvdService:
         self._exit.push_async_callback(self._producer.stop)
         await self._producer.start()
         consumer = clients.requests_consumer()
-        self._broker_events.watch_consumer(consumer, [s.requests_topic], s.group_id)
+        self._broker_events.watch_consumer(
+            consumer, [s.requests_topic], s.group_id, s.group_instance_id
+        )
         self._exit.push_async_callback(consumer.stop)
         if s.processing_guarantee == "exactly_once":
             self._outbox = TransactionalOutbox(

@@ -12,6 +12,7 @@ import asyncio
 import inspect
 import logging
 import socket
+import types
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -164,20 +165,28 @@ def retries_of_node(node: int) -> None:
 
 def test_every_template_is_one_aiokafka_logs() -> None:
     """The watcher matches record.msg exactly: an aiokafka upgrade that rewords one fails here."""
-    sources = "".join(
-        inspect.getsource(module)
-        for module in (
-            aiokafka.client,
-            aiokafka.consumer.fetcher,
-            aiokafka.consumer.group_coordinator,
-            aiokafka.producer.sender,
-        )
-    )
+    # The compiled constants, where a message split over two source lines is one string again.
+    constants: set[str] = set()
+
+    def collect(code: types.CodeType) -> None:
+        for const in code.co_consts:
+            if isinstance(const, str):
+                constants.add(const)
+            elif isinstance(const, types.CodeType):
+                collect(const)
+
+    for module in (
+        aiokafka.client,
+        aiokafka.consumer.fetcher,
+        aiokafka.consumer.group_coordinator,
+        aiokafka.producer.sender,
+    ):
+        collect(compile(inspect.getsource(module), module.__name__, "exec"))
     templates = [v for k, v in vars(broker_events).items() if k.startswith("_") and k.isupper()]
     templates = [t for t in templates if isinstance(t, str)]
-    assert len(templates) == len(broker_events._TEMPLATES) == 11
+    assert len(templates) == len(broker_events._TEMPLATES) == 12
     for template in templates:
-        assert repr(template) in sources or f'"{template}"' in sources, template
+        assert template in constants, template
 
 
 async def test_aiokafkas_own_failed_connects_make_one_warning_per_node(
@@ -548,3 +557,46 @@ def test_configure_lets_the_watcher_read_aiokafka(
     finally:
         root.handlers[:], root.level = saved[0], saved[1]
         aiokafka_logger.setLevel(saved[2])
+
+
+# -- the member dropped by its coordinator -------------------------------------------------------
+
+_UNKNOWN = "Heartbeat failed: local member_id was not recognized; resetting and re-joining group"
+
+
+def test_a_dynamic_member_dropped_says_so_each_time_and_never_blames_a_duplicate(
+    watched: Watched, lines: Callable[[int | None], list[str]]
+) -> None:
+    consumer = SimpleNamespace(_client=None, _coordinator=SimpleNamespace(coordinator_id=1))
+    watched.events.watch_consumer(consumer, ["t"], "g")
+    for _ in range(5):
+        aiokafka_log("consumer.group_coordinator").warning(_UNKNOWN)
+        watched.clock.now += 3.0
+    assert len(lines(logging.WARNING)) == 5
+    assert all("no longer knew this member" in line for line in lines(logging.WARNING))
+    assert lines(logging.ERROR) == []
+    assert watched.value("svd_group_member_drops_total") == 5
+
+
+def test_a_static_member_dropped_again_and_again_is_told_its_id_is_shared(
+    watched: Watched, lines: Callable[[int | None], list[str]]
+) -> None:
+    consumer = SimpleNamespace(_client=None, _coordinator=SimpleNamespace(coordinator_id=1))
+    watched.events.watch_consumer(consumer, ["t"], "g", "svd-0")
+    coordinator = aiokafka_log("consumer.group_coordinator")
+    coordinator.warning(_UNKNOWN)  # once: a session that expired, not a duplicate
+    watched.clock.now += 61.0
+    coordinator.warning(_UNKNOWN)
+    watched.clock.now += 3.0
+    assert lines(logging.ERROR) == []
+    for _ in range(20):  # two processes taking turns, a heartbeat interval apart
+        coordinator.warning(_UNKNOWN)
+        watched.clock.now += 3.0
+    [error] = lines(logging.ERROR)
+    assert "dropped this member 3 times in 60 s" in error
+    assert "group_instance_id 'svd-0'" in error and "SVD_GROUP_INSTANCE_ID" in error
+    watched.clock.now += 600.0
+    for _ in range(3):
+        coordinator.warning(_UNKNOWN)
+    assert len(lines(logging.ERROR)) == 2  # said again ten minutes on, while it lasts
+    assert watched.value("svd_group_member_drops_total") == 25
