@@ -117,13 +117,19 @@ def exit_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def is_alive(pid: int) -> bool:
+def process_state(pid: int) -> str | None:
+    """The state letter of ``/proc/<pid>/stat`` (R, S, T stopped, Z zombie...), None if gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return False
-    # The state letter follows the parenthesised command name; a zombie has already exited.
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+        return None
+    # The state letter follows the parenthesised command name.
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+def is_alive(pid: int) -> bool:
+    state = process_state(pid)
+    return state is not None and state != "Z"  # a zombie has already exited
 
 
 class LocalBroker:
@@ -439,17 +445,28 @@ class LocalBroker:
 
     def pause(self) -> None:
         """SIGSTOP the broker, for fault tests: a hung node that keeps its sockets open."""
-        self._signal(signal.SIGSTOP)
+        self._signal(signal.SIGSTOP, stopped=True)
 
     def resume(self) -> None:
         """SIGCONT a paused broker."""
-        self._signal(signal.SIGCONT)
+        self._signal(signal.SIGCONT, stopped=False)
 
-    def _signal(self, sig: signal.Signals) -> None:
+    def paused(self) -> bool:
+        state = self.status()
+        return state is not None and process_state(state.pid) == "T"
+
+    def _signal(self, sig: signal.Signals, *, stopped: bool) -> None:
+        """Signal the JVM's process group and wait until the kernel shows it (un)stopped:
+        delivery to every thread of a JVM is not instant."""
         state = self.status()
         if state is None:
             raise BrokerError(f"no broker is running in {self.workdir}")
         os.killpg(state.pid, sig)
+        deadline = time.monotonic() + 10
+        while (process_state(state.pid) == "T") != stopped:
+            if time.monotonic() > deadline:
+                raise BrokerError(f"the broker (pid {state.pid}) did not take {sig.name} in 10 s")
+            time.sleep(0.01)
 
     def _wait_gone(self, pid: int, timeout: float) -> bool:
         if self._proc is not None and self._proc.pid == pid:

@@ -11,9 +11,8 @@ import asyncio
 import signal
 import sys
 import threading
-from pathlib import Path
 
-from localkafka.broker import LocalBroker, is_alive
+from localkafka.broker import LocalBroker
 from localkafka.cluster import LocalCluster, local_kafka
 from localkafka.errors import BrokerError
 from localkafka.settings import BrokerSettings, TopicSettings
@@ -126,12 +125,7 @@ def _node_status(node: LocalBroker) -> str:
     state = node.status()
     if state is None:
         return "down"
-    try:
-        stat = Path(f"/proc/{state.pid}/stat").read_text()
-    except OSError:
-        return "down"
-    paused = stat.rsplit(")", 1)[1].split()[0] == "T"
-    return f"pid {state.pid}, {'paused' if paused and is_alive(state.pid) else 'running'}"
+    return f"pid {state.pid}, {'paused' if node.paused() else 'running'}"
 
 
 def _up(kafka: LocalBroker | LocalCluster, *, foreground: bool) -> int:

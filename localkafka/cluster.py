@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,12 +46,14 @@ class LocalCluster:
         workdir: Path | None = None,
         *,
         size: int | None = None,
+        extra_properties: Mapping[str, str] | None = None,
     ) -> None:
         self.settings = settings or BrokerSettings()
         self.topics = topics or TopicSettings()
         self.workdir = (workdir or self.settings.home / "cluster").resolve()
         # Unless told, a cluster started before keeps its size (`svd-broker down`, `node`).
         self.size = size or self._saved_size() or max(self.settings.nodes, 3)
+        self.extra_properties = dict(extra_properties or {})  # every node's, over the defaults
         self._nodes: dict[int, LocalBroker] | None = None
 
     def _saved_size(self) -> int:
@@ -151,6 +154,7 @@ class LocalCluster:
                 ),
                 self.topics,
                 self.workdir / f"node-{i}",
+                extra_properties=self.extra_properties,
                 quorum=Quorum(i, voters, cluster_id, replication, min_insync),
             )
             for i in self.node_ids
