@@ -1,5 +1,5 @@
 # Common tasks. `make run` and `make test` set everything up on a fresh machine first.
-.PHONY: setup test-setup run test unit integration faults lint typecheck bench profile broker-up broker-down store-up store-down clean
+.PHONY: setup test-setup run test unit integration faults cluster-faults lint typecheck bench profile broker-up broker-down store-up store-down clean
 
 VENV := .venv
 BIN := $(VENV)/bin
@@ -29,6 +29,11 @@ integration: test-setup
 # The fault-injection suite; each test's counts line is in the "fault-injection counts" summary.
 faults: setup
 	$(BIN)/pytest tests/faults -rA --durations=0
+
+# The cluster fault suite: a three-node KRaft cluster of its own, failures under an SDK stream;
+# each scenario's counts line is in the "cluster fault counts" summary.
+cluster-faults: setup
+	$(BIN)/pytest tests/cluster -m cluster -rA --durations=0
 
 lint: setup
 	$(BIN)/ruff check .
