@@ -16,6 +16,7 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import obstore
 import pytest
@@ -27,6 +28,14 @@ from localstore import CLIENT_PREFIX, SERVICE_PREFIX, LocalStore, LocalStoreErro
 from localstore.server import s3_store, short_error
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def missing(message: str) -> NoReturn:
+    """Something a test needs is not there (a broker, a store, a tool): an error in CI, where
+    make test installs and starts everything, a skip on a laptop."""
+    if IN_CI:
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
 
 
 @dataclass(frozen=True)
@@ -73,9 +82,7 @@ def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaEndpoint]:
         for bootstrap in containers:
             yield KafkaEndpoint(bootstrap, None)
         return
-    if IN_CI:
-        pytest.fail(failure, pytrace=False)
-    pytest.skip(failure)
+    missing(failure)
 
 
 @pytest.fixture(scope="session")
@@ -199,9 +206,7 @@ def object_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ObjectSto
         finally:
             local.destroy()
         return
-    if IN_CI:
-        pytest.fail(failure, pytrace=False)
-    pytest.skip(failure)
+    missing(failure)
 
 
 @pytest.fixture

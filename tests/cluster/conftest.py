@@ -17,9 +17,10 @@ import pytest
 
 from localkafka import BrokerError, LocalCluster
 from localkafka.topics import under_replicated
-from tests.conftest import IN_CI
+from tests.conftest import missing
+from tests.support.report import CountsReport
 
-_LINES: list[str] = []
+_REPORT = CountsReport("cluster", "cluster fault counts")
 
 
 def broker_properties() -> dict[str, str]:
@@ -40,9 +41,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     try:
         local.start(die_with_parent=True)
     except BrokerError as exc:
-        if IN_CI:
-            pytest.fail(f"the three-node cluster could not start: {exc}", pytrace=False)
-        pytest.skip(f"the three-node cluster could not start: {exc}")
+        missing(f"the three-node cluster could not start: {exc}")
     try:
         yield local
     finally:
@@ -77,19 +76,9 @@ def healthy_cluster(cluster: LocalCluster) -> Iterator[LocalCluster]:
 
 @pytest.fixture
 def cluster_report(request: pytest.FixtureRequest) -> Callable[[str, str], str]:
-    """``cluster_report(injected, counts)`` records and prints one line; returns it."""
-
-    def record(injected: str, counts: str) -> str:
-        line = f"{request.node.name}: {injected} | {counts}"
-        _LINES.append(line)
-        print(f"\n[cluster] {line}")
-        return line
-
-    return record
+    """``cluster_report(injected, counts)``: one line of the report; returns it."""
+    return _REPORT.recorder(request)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if _LINES:
-        terminalreporter.section("cluster fault counts")
-        for line in _LINES:
-            terminalreporter.write_line(line)
+    _REPORT.summary(terminalreporter)

@@ -1,34 +1,40 @@
-"""The fault suite's report: each test states what it injected and what it counted.
-
-Each line is printed when recorded (visible with ``-s``) and repeated in a "fault-injection
-counts" section at the end of the run, so CI logs show them without ``-s``.
-"""
+"""The fault suite's report (each test states what it injected and what it counted, in a
+"fault-injection counts" section at the end of the run), and a broker of a test's own."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
-_LINES: list[str] = []
+from localkafka import BrokerError, LocalBroker
+from tests.conftest import missing
+from tests.support.report import CountsReport
+
+_REPORT = CountsReport("faults", "fault-injection counts", verb="injected ")
 
 
 @pytest.fixture
 def fault_report(request: pytest.FixtureRequest) -> Callable[[str, str], str]:
-    """``fault_report(injected, counts)`` records and prints one line; returns it, for assertion
-    messages."""
-
-    def record(injected: str, counts: str) -> str:
-        line = f"{request.node.name}: injected {injected} | {counts}"
-        _LINES.append(line)
-        print(f"\n[faults] {line}")
-        return line
-
-    return record
+    """``fault_report(injected, counts)``: one line of the report; returns it."""
+    return _REPORT.recorder(request)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if _LINES:
-        terminalreporter.section("fault-injection counts")
-        for line in _LINES:
-            terminalreporter.write_line(line)
+    _REPORT.summary(terminalreporter)
+
+
+@pytest.fixture
+def own_broker(tmp_path: Path) -> Iterator[LocalBroker]:
+    """A broker of this test's own, to stop and restart (the session broker is shared). Its
+    free ports are kept across stop() and start() (ports.json in its workdir)."""
+    broker = LocalBroker(workdir=tmp_path / "kafka")
+    try:
+        broker.start(die_with_parent=True)
+    except BrokerError as exc:
+        missing(f"a second local broker could not start: {exc}")
+    try:
+        yield broker
+    finally:
+        broker.destroy()

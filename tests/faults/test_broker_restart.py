@@ -8,35 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from localkafka import BrokerError, LocalBroker, TopicSettings, ensure_topics
-from tests.conftest import IN_CI
+from localkafka import LocalBroker, TopicSettings, ensure_topics
 from tests.support.kafka_io import make_request
 from tests.support.service import ServiceProcess
 from tests.support.tally import Tally, TallyReader, send_all, wait_committed_to_end
 
 pytestmark = [pytest.mark.kafka, pytest.mark.faults]
-
-
-@pytest.fixture
-def own_broker(tmp_path: Path) -> Iterator[LocalBroker]:
-    # Free ports, kept by LocalBroker across stop() and start() (ports.json in its workdir).
-    broker = LocalBroker(workdir=tmp_path / "kafka")
-    try:
-        broker.start(die_with_parent=True)
-    except BrokerError as exc:
-        if IN_CI:
-            pytest.fail(f"a second local broker could not start: {exc}", pytrace=False)
-        pytest.skip(f"a second local broker could not start: {exc}")
-    try:
-        yield broker
-    finally:
-        broker.destroy()
 
 
 @pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import signal
 import socket
@@ -26,14 +25,13 @@ import pytest
 import yaml
 
 from localkafka import TopicSettings
+from tests.conftest import missing
 from tests.support import dashboard
 from tests.support.kafka_io import AnswerReader, make_request, produce
 from tests.support.scrape import Endpoint
 from tests.support.service import ServiceProcess
 
 pytestmark = pytest.mark.kafka
-
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 def _free_port() -> int:
@@ -126,9 +124,7 @@ def prometheus_binary() -> str:
         "/usr/bin/prometheus" if Path("/usr/bin/prometheus").exists() else None
     )
     if path is None:
-        if IN_CI:
-            pytest.fail("no prometheus binary (Debian package prometheus; make test installs it)")
-        pytest.skip("no prometheus binary: apt-get install prometheus")
+        missing("no prometheus binary (Debian package prometheus; make test installs it)")
     return path
 
 

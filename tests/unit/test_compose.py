@@ -11,7 +11,6 @@ the bucket the object store creates, with the credentials it checks.
 from __future__ import annotations
 
 import inspect
-import os
 import re
 import shutil
 import subprocess
@@ -26,9 +25,9 @@ from consumer.settings import ConsumerSettings
 from localstore import LocalStoreSettings
 from objectstore.settings import StoreSettings
 from schemas import topics
+from tests.conftest import missing
 
 REPO = Path(__file__).resolve().parents[2]
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 # Compose substitutes ${NAME} / ${NAME:-default}; a bare $name would be substituted too, so
 # shell variables must be written $$name. Anything else is a mistake.
@@ -76,9 +75,7 @@ def _bind_mounts(service: dict[str, Any]) -> list[tuple[Path, str]]:
 def _tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
-        if IN_CI:
-            pytest.fail(f"{name} missing (Debian package prometheus; make test installs it)")
-        pytest.skip(f"{name} missing: apt-get install prometheus")
+        missing(f"{name} missing (Debian package prometheus; make test installs it)")
     return path
 
 
