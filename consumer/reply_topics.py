@@ -13,10 +13,14 @@ retried forever, holding the request's in-flight slot and its partition's commit
 handful of such records would stall the service. A request whose reply topic is unusable is
 answered on the default results topic with an error result and a dead letter instead.
 
-Existence comes from a snapshot of the cluster's metadata, refreshed at most every
-``refresh_s`` when an unknown name shows up. It deliberately does not go through the
-producer's own metadata lookup, which would add every name it is asked about to the topics
-the producer tracks forever.
+Existence comes from a snapshot of the cluster's topic list. A name is refused only by a
+snapshot taken after it was asked about: its producer created the topic before sending the
+request, so such a snapshot has it. (With a snapshot that could be seconds old, a reply topic
+created just before its first request was answered "does not exist" on the results topic, where
+its requester never looks.) Snapshots are taken at most every ``refresh_s``; checks waiting
+meanwhile share the next one, so a flood of unknown names costs one listing per interval. It
+deliberately does not go through the producer's own metadata lookup, which would add every
+name it is asked about to the topics the producer tracks forever.
 """
 
 from __future__ import annotations
@@ -43,7 +47,8 @@ class ReplyTopics:
         allowed: str,
         results: str | None = None,
         refused: Collection[str] = (),
-        refresh_s: float = 10.0,
+        refresh_s: float = 1.0,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         """``allowed``: a regex other names must match in full; ``results``: always allowed;
         ``refused``: never allowed, nor are internal topics, whatever ``allowed`` says."""
@@ -52,6 +57,7 @@ class ReplyTopics:
         self._results = results
         self._refused = frozenset(refused)
         self._refresh_s = refresh_s
+        self._sleep = sleep
         self._known: set[str] = set()
         self._fetched_at = float("-inf")
         self._lock = asyncio.Lock()
@@ -84,14 +90,19 @@ class ReplyTopics:
                 f"regex {self._allowed.pattern}"
             )
         if topic not in self._known:
-            await self._refresh()
+            await self._snapshot_since(time.monotonic())
         if topic not in self._known:
             return f"reply_topic {topic!r} does not exist"
         return None
 
-    async def _refresh(self) -> None:
+    async def _snapshot_since(self, asked: float) -> None:
+        """Make ``_known`` a listing started after ``asked``, at most one every ``refresh_s``."""
         async with self._lock:
-            if time.monotonic() - self._fetched_at < self._refresh_s:
-                return  # a snapshot this recent already said no; don't ask the cluster per record
+            if self._fetched_at >= asked:
+                return  # taken while this check waited for the lock: it answers it
+            wait = self._fetched_at + self._refresh_s - time.monotonic()
+            if wait > 0:
+                await self._sleep(wait)
+            started = time.monotonic()
             self._known = await self._list_topics()
-            self._fetched_at = time.monotonic()
+            self._fetched_at = started

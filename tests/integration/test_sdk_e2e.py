@@ -28,6 +28,7 @@ from schemas import codec
 from schemas.models import SvdResultMeta, Timings, WorkerInfo
 from tests.sdk_contract.conftest import ServedTopics, start_service
 from tests.sdk_contract.waiting import wait_until
+from tests.support.kafka_io import AnswerReader, make_request
 
 pytestmark = pytest.mark.kafka
 
@@ -159,6 +160,27 @@ async def test_a_client_with_its_own_reply_topic(served: ServedTopics) -> None:
     assert marker.s.tolist() == [1.0, 1.0]
     # The shared results topic never carried the reply-topic client's answer.
     assert shared_stats.unknown == 0
+
+
+async def test_a_reply_topic_created_right_after_the_service_listed_topics_is_answered(
+    served: ServedTopics,
+) -> None:
+    # The race of issue #19: the service had just listed the topics (to refuse a name that does
+    # not exist), then a client creates its reply topic and sends at once. Its answers must go
+    # to that topic, never "does not exist" on the shared one it does not read.
+    for attempt in range(3):
+        nowhere_id, nowhere = make_request(
+            np.eye(2), reply_topic=f"{served.topics.results}.nowhere-{uuid.uuid4().hex[:8]}"
+        )
+        async with AnswerReader(served.bootstrap, served.topics) as reader:
+            await _produce(served.bootstrap, served.topics.requests, [nowhere])
+            answers = await reader.collect({nowhere_id}, timeout=60)
+        # Answered "does not exist": the service has just listed the topics.
+        assert "does not exist" in answers.errors[nowhere_id][0].message
+        reply_topic = f"{served.topics.results}.race-{attempt}-{uuid.uuid4().hex[:8]}"
+        async with client_for(served, reply_topic=reply_topic, create_reply_topic=True) as own:
+            a = RNG.standard_normal((5, 5))
+            assert reconstructs(a, await own.svd(a, timeout=60)), attempt
 
 
 async def test_duplicate_answers_resolve_once(served: ServedTopics) -> None:

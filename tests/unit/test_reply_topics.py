@@ -4,6 +4,8 @@ requests, dead-letter or internal topics."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from consumer.reply_topics import ReplyTopics
@@ -19,6 +21,7 @@ class Cluster:
 
     async def list_topics(self) -> set[str]:
         self.calls += 1
+        await asyncio.sleep(0)  # a round trip: other checks run meanwhile
         return set(self.topics)
 
 
@@ -113,20 +116,44 @@ async def test_allowed_names_that_do_not_exist_are_refused() -> None:
     assert problem is not None and "does not exist" in problem
 
 
-async def test_a_flood_of_unknown_names_asks_the_cluster_once_per_refresh() -> None:
+async def test_a_flood_of_unknown_names_shares_one_listing() -> None:
     cluster = Cluster({"svd-results"})
-    topics = ReplyTopics(cluster.list_topics, allowed=".*", refresh_s=3600)
-    for i in range(100):
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    topics = ReplyTopics(cluster.list_topics, allowed=".*", refresh_s=3600, sleep=sleep)
+    problems = await asyncio.gather(*(topics.problem(f"random-{i}") for i in range(100)))
+    assert all(p is not None and "does not exist" in p for p in problems)
+    # The first check's listing, then one for the 99 asked while it was under way.
+    assert cluster.calls == 2 and len(waits) == 1
+
+
+async def test_unknown_names_one_after_another_ask_at_most_once_per_interval() -> None:
+    cluster = Cluster({"svd-results"})
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)  # no real wait: the listing right after it stands for it
+
+    topics = ReplyTopics(cluster.list_topics, allowed=".*", refresh_s=5.0, sleep=sleep)
+    for i in range(4):
         assert await topics.problem(f"random-{i}") is not None
-    assert cluster.calls == 1
+    assert cluster.calls == 4
+    assert len(waits) == 3 and all(4.0 < w <= 5.0 for w in waits), waits
 
 
-async def test_a_topic_created_later_is_found_after_the_refresh_interval() -> None:
-    cluster = Cluster(set())
+async def test_a_topic_created_just_before_its_first_request_is_found() -> None:
+    # The race of issue #19: the SDK creates its reply topic, then sends; a snapshot taken a
+    # moment before the creation must not answer "does not exist".
+    cluster = Cluster({"svd-results"})
     topics = ReplyTopics(cluster.list_topics, allowed=".*", refresh_s=0.0)
-    assert await topics.problem("later") is not None
-    cluster.topics.add("later")
-    assert await topics.problem("later") is None
+    assert await topics.problem("other") is not None  # a snapshot is taken now
+    cluster.topics.add("svd-results.web-7")  # created after it
+    assert await topics.problem("svd-results.web-7") is None
+    assert await topics.problem("svd-results.web-7") is None  # known now: no listing
+    assert cluster.calls == 2
 
 
 def test_a_pattern_that_is_no_regex_is_refused_at_start() -> None:
