@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -125,6 +126,15 @@ def process_state(pid: int) -> str | None:
         return None
     # The state letter follows the parenthesised command name.
     return stat.rsplit(")", 1)[1].split()[0]
+
+
+def wait_for_interrupt(message: str) -> None:
+    """Block until Ctrl-C or SIGTERM (the ``--foreground`` of the local servers' CLIs)."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(message, flush=True)
+    stop.wait()
 
 
 def is_alive(pid: int) -> bool:

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
-import threading
 
-from localkafka.broker import LocalBroker
+from localkafka.broker import LocalBroker, wait_for_interrupt
 from localkafka.cluster import LocalCluster, local_kafka
 from localkafka.errors import BrokerError
 from localkafka.settings import BrokerSettings, TopicSettings
@@ -137,11 +135,7 @@ def _up(kafka: LocalBroker | LocalCluster, *, foreground: bool) -> int:
     if not foreground:
         print("stop it with `svd-broker down`")
         return 0
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    print("Ctrl-C stops Kafka", flush=True)
-    stop.wait()
+    wait_for_interrupt("Ctrl-C stops Kafka")
     kafka.stop()
     print("stopped")
     return 0

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import signal
 import sys
-import threading
 
+from localkafka.broker import wait_for_interrupt
 from localstore.errors import LocalStoreError
 from localstore.server import CLIENT_PREFIX, SERVICE_PREFIX, LocalStore
 from localstore.settings import LocalStoreSettings
@@ -83,11 +82,7 @@ def _up(store: LocalStore, *, foreground: bool) -> int:
     if not foreground:
         print("stop it with `svd-store down`")
         return 0
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    print("Ctrl-C stops the store", flush=True)
-    stop.wait()
+    wait_for_interrupt("Ctrl-C stops the store")
     store.stop()
     print("object store stopped")
     return 0
