@@ -43,6 +43,7 @@ from aiokafka.errors import (
 from aiokafka.protocol.metadata import MetadataRequest
 
 from consumer.metrics import Metrics
+from consumer.tasks import TaskSet
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +160,7 @@ class BrokerEvents:
         self,
         metrics: Metrics,
         *,
+        tasks: TaskSet | None = None,
         clock: Callable[[], float] = time.monotonic,
         probe_interval_s: float = POLL_INTERVAL_S,
         quiet_after_recovery_s: float = 2.0,
@@ -166,6 +168,7 @@ class BrokerEvents:
         refresh_metadata_s: float = 10.0,
     ) -> None:
         self._metrics = metrics
+        self._tasks = tasks or TaskSet()  # the probes: the service's registry, so none is lost
         self._clock = clock
         self._probe_interval_s = probe_interval_s
         self._quiet_after_recovery_s = quiet_after_recovery_s
@@ -425,9 +428,7 @@ class BrokerEvents:
                 probe_coro = self._probe(outage)
                 if probe_coro is not None:
                     outage.last_probe = now
-                    outage.probe = asyncio.get_running_loop().create_task(
-                        probe_coro, name=f"broker-probe {outage.key}"
-                    )
+                    outage.probe = self._tasks.spawn(probe_coro, name=f"broker-probe {outage.key}")
 
     def _resolve(self, outage: _Outage, brokers: dict[int, Any]) -> None:
         """A bootstrap address whose node the metadata now names becomes that node's outage."""

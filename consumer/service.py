@@ -84,7 +84,6 @@ class SvdService:
         self.paused = False
         self.ready = asyncio.Event()  # joined the group with the pool up
         self.broker = BrokerContact(settings.ready_broker_window_s)
-        self._broker_events = BrokerEvents(self.metrics)
         self._outbox: TransactionalOutbox | None = None
         self._limits = limits_from(settings)
         self._store_results_above = (
@@ -94,6 +93,7 @@ class SvdService:
         self._hard_stop = asyncio.Event()
         self._requests = TaskSet(on_fatal=self._fatal)
         self._background = TaskSet(on_fatal=self._fatal)
+        self._broker_events = BrokerEvents(self.metrics, tasks=self._background)
         self._store = PayloadStore(settings.store) if settings.store.enabled else None
         self._claims = Claims(self._store, self._background, self.metrics)
         self._fatal_error: BaseException | None = None
