@@ -90,17 +90,22 @@ def kafka_bootstrap(kafka: KafkaEndpoint) -> str:
     return kafka.bootstrap
 
 
-@pytest.fixture
-def topics(kafka_bootstrap: str) -> TopicSettings:
-    """Topics of this test alone, so tests never read each other's messages."""
+def fresh_topics(bootstrap: str) -> TopicSettings:
+    """New topics on ``bootstrap`` for one test alone, so tests never read each other's messages."""
     suffix = uuid.uuid4().hex[:10]
     settings = TopicSettings(
         requests=f"svd-requests-{suffix}",
         results=f"svd-results-{suffix}",
         dlq=f"svd-dlq-{suffix}",
     )
-    asyncio.run(ensure_topics(kafka_bootstrap, settings))
+    asyncio.run(ensure_topics(bootstrap, settings))
     return settings
+
+
+@pytest.fixture
+def topics(kafka_bootstrap: str) -> TopicSettings:
+    """Topics of this test alone on the session's broker."""
+    return fresh_topics(kafka_bootstrap)
 
 
 # -- the object store ------------------------------------------------------------------------

@@ -17,14 +17,14 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from localkafka import LocalCluster, TopicSettings, ensure_topics, partition_leaders
+from localkafka import LocalCluster, TopicSettings, partition_leaders
+from tests.conftest import fresh_topics
 from tests.support.service import ServiceProcess
 from tests.support.stream import SdkStream, longest_gap
 from tests.support.tally import Tally, TallyReader, wait_committed_to_end
@@ -129,12 +129,8 @@ def run_under_stream(
     static: bool = False,
     guarantee: str = "at_least_once",
 ) -> Outcome:
-    suffix = uuid.uuid4().hex[:10]
-    topics = TopicSettings(
-        requests=f"svd-requests-{suffix}", results=f"svd-results-{suffix}", dlq=f"svd-dlq-{suffix}"
-    )
-    asyncio.run(ensure_topics(cluster.bootstrap, topics))
-    group = f"g-{suffix}"
+    topics = fresh_topics(cluster.bootstrap)
+    group = f"g-{topics.requests}"
     group_members = Members(
         tmp_path, cluster.bootstrap, topics, group, members,
         static=static, processing_guarantee=guarantee,

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import re
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from localkafka import LocalBroker, TopicSettings, ensure_topics
+from localkafka import LocalBroker
 from schemas import codec
+from tests.conftest import fresh_topics
 from tests.support.kafka_io import make_request
 from tests.support.scrape import Endpoint, Samples
 from tests.support.service import ServiceProcess
@@ -43,12 +43,8 @@ def test_a_broker_outage_is_one_warning_one_recovery_and_counted(
     state = own_broker.status()
     assert state is not None
     bootstrap, port = state.bootstrap, state.port
-    suffix = uuid.uuid4().hex[:10]
     isolation = "read_committed" if guarantee == "exactly_once" else "read_uncommitted"
-    topics = TopicSettings(
-        requests=f"svd-requests-{suffix}", results=f"svd-results-{suffix}", dlq=f"svd-dlq-{suffix}"
-    )
-    asyncio.run(ensure_topics(bootstrap, topics))
+    topics = fresh_topics(bootstrap)
     rng = np.random.default_rng(61)
 
     def requests(count: int) -> dict[str, codec.EncodedMessage]:
@@ -70,7 +66,7 @@ def test_a_broker_outage_is_one_warning_one_recovery_and_counted(
         bootstrap,
         topics,
         tmp_path / "svc.log",
-        group_id=f"g-{suffix}",
+        group_id=f"g-{topics.requests}",
         pool_size=1,
         max_inflight=8,
         processing_guarantee=guarantee,

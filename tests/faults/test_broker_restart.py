@@ -7,14 +7,14 @@ restarted from the same work directory (its data) on the same ports (its clients
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from localkafka import LocalBroker, TopicSettings, ensure_topics
+from localkafka import LocalBroker
+from tests.conftest import fresh_topics
 from tests.support.kafka_io import make_request
 from tests.support.service import ServiceProcess
 from tests.support.tally import Tally, TallyReader, send_all, wait_committed_to_end
@@ -34,17 +34,13 @@ def test_broker_stop_and_restart_mid_stream_loses_nothing(
     state = own_broker.status()
     assert state is not None
     bootstrap = state.bootstrap
-    suffix = uuid.uuid4().hex[:10]
     # exactly_once readers see committed transactions only, and then each answer once.
     isolation = "read_committed" if guarantee == "exactly_once" else "read_uncommitted"
-    topics = TopicSettings(
-        requests=f"svd-requests-{suffix}", results=f"svd-results-{suffix}", dlq=f"svd-dlq-{suffix}"
-    )
-    asyncio.run(ensure_topics(bootstrap, topics))
+    topics = fresh_topics(bootstrap)
     rng = np.random.default_rng(60)
     requests = dict(make_request(rng.standard_normal((200, 200))) for _ in range(400))
     ids = set(requests)
-    group = f"g-{suffix}"
+    group = f"g-{topics.requests}"
     asyncio.run(send_all(bootstrap, topics.requests, requests.values()))
 
     async def answered_so_far(count: int) -> int:
